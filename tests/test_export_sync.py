@@ -1,0 +1,56 @@
+"""The notebooks are the source: the committed package must be exactly what they export."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("book_export", ROOT / "book" / "export.py")
+export = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(export)
+
+
+def out_of_sync(package: Path):
+    """Names of generated files that differ between `package` and a fresh export of book/."""
+    files = export.render(ROOT / "book")
+    problems = [name for name, text in files.items()
+                if not (package / name).exists() or (package / name).read_text(encoding="utf-8") != text]
+    problems += [p.name for p in sorted(package.glob("*.py*"))
+                 if p.name not in files and p.suffix in (".py", ".pyx") and export.is_generated(p)]
+    return problems
+
+
+def test_package_matches_notebooks():
+    problems = out_of_sync(ROOT / "flashdecode")
+    assert not problems, f"edited by hand or not exported, run `make export`: {problems}"
+
+
+def test_every_module_is_generated_except_init():
+    for path in sorted((ROOT / "flashdecode").glob("*.py")) + [ROOT / "flashdecode" / "_kernels.pyx"]:
+        if path.name != "__init__.py":
+            assert export.is_generated(path), f"{path.name} was not written by book/export.py"
+            header = path.read_text(encoding="utf-8").split("\n", 1)[0]
+            assert "book/" in header and "make export" in header
+
+
+@pytest.mark.parametrize("name", ["api.py", "_kernels.pyx", "tiling.py"])
+def test_deleting_a_line_is_detected(tmp_path, name):
+    """The check above is not vacuous: remove one line from a copy and it must fail."""
+    files = export.render(ROOT / "book")
+    for file_name, text in files.items():
+        (tmp_path / file_name).write_text(text, encoding="utf-8")
+    assert out_of_sync(tmp_path) == []
+    lines = files[name].splitlines(keepends=True)
+    victim = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#") and i > 10)
+    (tmp_path / name).write_text("".join(lines[:victim] + lines[victim + 1:]), encoding="utf-8")
+    assert out_of_sync(tmp_path) == [name]
+
+
+def test_back_references_point_at_real_cells():
+    import nbformat
+    for name, text in export.render(ROOT / "book").items():
+        for line in text.splitlines():
+            if line.startswith("# %% book/"):
+                notebook, cell = line[len("# %% "):].split(", cell ")
+                nb = nbformat.read(ROOT / notebook, as_version=4)
+                assert "#| export" in nb.cells[int(cell)].source or "#| default_exp" in nb.cells[int(cell)].source
