@@ -62,7 +62,8 @@ def resolve_threads(num_threads):
     """None -> every thread OpenMP allows (OMP_NUM_THREADS and threadpoolctl are honoured)."""
     if num_threads is None:
         return _kernels.max_threads()
-    return check_count("num_threads", num_threads, 1)
+    # more threads than work items is useless, and OpenMP takes a C int
+    return min(check_count("num_threads", num_threads, 1), 1 << 16)
 
 
 def launch(attend, q, rows, kv_lens, num_kv_heads, scale, num_threads, split_size=None):

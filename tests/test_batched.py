@@ -178,3 +178,41 @@ def test_custom_view_protocol(rng):
     q_batch = rng.standard_normal((2, 2, 8))
     out = batched_flash_attention(q_batch, view)
     assert rel_err(out, batched_reference(q_batch, view)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("layout", ["float16", "float64", "fortran", "reversed", "gapped", "readonly", "mixed"])
+def test_odd_but_valid_slot_arrays(rng, backend, layout):
+    lengths = [5, 0, 70, 1]
+    base = random_view(rng, lengths, 2, 16, spare=3)
+    convert = {
+        "float16": lambda a: a.astype(np.float16),
+        "float64": lambda a: a.astype(np.float64),
+        "fortran": np.asfortranarray,
+        "reversed": lambda a: a[::-1].copy()[::-1],
+        "gapped": lambda a: np.repeat(a, 2, axis=-1)[..., ::2],
+        "readonly": lambda a: np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape),   # read-only buffer
+        "mixed": lambda a: a.astype([np.float16, np.float64, np.float32][a.shape[0] % 3]),
+    }[layout]
+    view = ListKvView(base.slots, [convert(k) for k in base.keys], [convert(v) for v in base.values])
+    q_batch = convert(rng.standard_normal((4, 6, 16)).astype(np.float32)) if layout != "mixed" else \
+        rng.standard_normal((4, 6, 16))
+    snapshot = [a.copy() for a in [q_batch, *view.keys, *view.values]]
+    out, lse = batched_flash_attention(q_batch, view, return_lse=True, backend=backend)
+    ref, ref_lse = batched_reference(q_batch, view)
+    tolerance = 2e-3 if layout in ("float16", "mixed") else 1e-4
+    assert rel_err(out, ref) < tolerance and rel_err(lse, ref_lse) < tolerance
+    for before, after in zip(snapshot, [q_batch, *view.keys, *view.values]):
+        np.testing.assert_array_equal(before, after)       # inputs are never written to
+
+
+def test_length_one_caches_and_huge_logits(rng):
+    view = random_view(rng, [1, 1, 1], 1, 32)
+    q_batch = (rng.standard_normal((3, 4, 32)) * 1e4).astype(np.float32)   # scores ~ 1e4
+    out, lse = batched_flash_attention(q_batch, view, return_lse=True)
+    for b in range(3):
+        np.testing.assert_allclose(out[b], np.repeat(view.values[b][0], 4, axis=0), rtol=1e-6)
+    assert np.isfinite(lse).all()
+    big = random_view(rng, [500], 1, 32)
+    out = batched_flash_attention(q_batch[:1], big)
+    assert np.isfinite(out).all() and rel_err(out, batched_reference(q_batch[:1], big)[0]) < 1e-4

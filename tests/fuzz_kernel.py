@@ -1,0 +1,142 @@
+"""Fuzz the compiled entry points with malformed and odd inputs (run by test_fuzz.py in a subprocess).
+
+Every call must either raise AttentionError or return the right answer; a crash (segfault) kills
+this process, which the parent test sees as a non-zero exit code. Prints a one-line summary.
+"""
+import argparse
+import sys
+from collections import Counter
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashdecode import AttentionError, KvSlot, ListKvView, batched_flash_attention, flash_attention_forward
+from flashdecode.batching import batched_reference
+from flashdecode.naive import attention_reference
+
+DTYPES = [np.float16, np.float32, np.float64, np.longdouble, np.int32, np.int64, np.bool_, np.complex64, object]
+outcomes = Counter()
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--examples", type=int, default=300, help="hypothesis examples per entry point")
+ARGS = parser.parse_args()
+FUZZ = settings(max_examples=ARGS.examples, deadline=None, database=None, derandomize=True,
+                suppress_health_check=list(HealthCheck))
+
+
+@st.composite
+def arrays(draw, max_side=70):
+    """Arrays of any rank, dtype and layout: negative, zero and gapped strides, read-only, huge fake shapes."""
+    ndim = draw(st.sampled_from([0, 1, 2, 3, 3, 3, 3, 4]))
+    shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from(DTYPES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    base = rng.standard_normal(shape).astype(dtype) if dtype is not object else np.full(shape, None, object)
+    layout = draw(st.sampled_from(["c", "fortran", "reversed", "gapped", "broadcast", "readonly", "huge", "list"]))
+    if layout == "fortran":
+        return np.asfortranarray(base)
+    if layout == "reversed" and ndim:
+        return base[::-1]
+    if layout == "gapped" and ndim:
+        return np.repeat(base, 2, axis=-1)[..., ::2]
+    if layout == "broadcast" and ndim:
+        return np.broadcast_to(base[:1] if shape[0] else base, shape)
+    if layout == "readonly":
+        base.flags.writeable = False
+        return base
+    if layout == "huge" and ndim == 3:
+        # an absurdly large shape backed by one element: must be rejected or handled, never read out of bounds
+        return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(2**40, 3, 5), strides=(0, 0, 0))
+    if layout == "list":
+        return base.tolist()
+    return base
+
+
+class FuzzView:
+    """A view whose answers may be wrong in every way a buggy engine could get them wrong."""
+
+    def __init__(self, count, positions, pairs):
+        self.count, self.positions, self.pairs = count, positions, pairs
+
+    def slot_count(self):
+        return self.count
+
+    def position(self, slot):
+        return self.positions[slot % len(self.positions)]
+
+    def kv_for_slot(self, slot):
+        return self.pairs[slot % len(self.pairs)]
+
+
+positions = st.one_of(st.integers(-3, 80), st.just(2**62), st.just(-2**62), st.sampled_from([None, 1.5, "3", True]))
+pair = st.one_of(st.tuples(arrays(), arrays()), st.none(), arrays(), st.tuples(arrays(), arrays(), arrays()))
+views = st.one_of(
+    st.builds(FuzzView, st.one_of(st.integers(0, 4), st.just(2**40), st.sampled_from([-1, None, 2.0])),
+              st.lists(positions, min_size=1, max_size=4), st.lists(pair, min_size=1, max_size=3)),
+    st.sampled_from([None, 3, "view", [], object()]),
+)
+scales = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["1", 0, -1.0, True]))
+threads = st.one_of(st.none(), st.integers(-2, 4), st.sampled_from([2**31, 2**62, 1.5]))
+splits = st.one_of(st.none(), st.integers(-2, 100), st.sampled_from([2**62, 0.5]))
+
+
+def judge(call, reference):
+    """Run `call`; AttentionError is fine, a result must match `reference`, anything else fails."""
+    try:
+        result = call()
+    except AttentionError:
+        outcomes["AttentionError"] += 1
+        return
+    except MemoryError:            # a valid but absurdly large request (e.g. 2**40 fake queries)
+        outcomes["MemoryError"] += 1
+        return
+    out, lse = result
+    ref, ref_lse = reference()
+    finite = np.isfinite(ref)
+    assert out.dtype == np.float32 and out.shape == ref.shape and lse.shape == ref_lse.shape
+    if finite.all() and np.isfinite(ref_lse).all() and out.size:
+        scale = max(np.abs(ref).max(), 1e-30)
+        assert np.abs(out - ref).max() / scale < 2e-3, "wrong answer"     # float16 inputs allowed 2e-3
+    outcomes["answer"] += 1
+
+
+@FUZZ
+@given(arrays(), views, scales, threads, splits)
+def fuzz_batched(q_batch, view, scale, num_threads, split_size):
+    judge(lambda: batched_flash_attention(q_batch, view, scale, return_lse=True, num_threads=num_threads,
+                                          split_size=split_size),
+          lambda: batched_reference(q_batch, view, scale))
+
+
+@FUZZ
+@given(arrays(), arrays(), arrays(), scales, st.booleans(), threads, splits)
+def fuzz_forward(q, k, v, scale, causal, num_threads, split_size):
+    judge(lambda: flash_attention_forward(q, k, v, scale, causal, return_lse=True, num_threads=num_threads,
+                                          split_size=split_size),
+          lambda: attention_reference(q, k, v, scale, causal))
+
+
+@FUZZ
+@given(st.integers(1, 5), st.lists(st.integers(0, 40), min_size=1, max_size=5), st.integers(0, 40), threads, splits)
+def fuzz_valid_views(num_kv_heads, lengths, spare, num_threads, split_size):
+    """Well-formed ragged batches (so the fuzz also reaches the kernel, not just the checks)."""
+    rng = np.random.default_rng(sum(lengths) + spare)
+    keys = [rng.standard_normal((n + spare, num_kv_heads, 8)).astype(np.float32)[::-1] for n in lengths]
+    view = ListKvView([KvSlot(b, b, n) for b, n in enumerate(lengths)], keys, [k[:, :, ::-1] for k in keys])
+    q_batch = rng.standard_normal((len(lengths), 2 * num_kv_heads, 8))
+    judge(lambda: batched_flash_attention(q_batch, view, return_lse=True, num_threads=num_threads,
+                                          split_size=split_size),
+          lambda: batched_reference(q_batch, view))
+
+
+def main():
+    for target in (fuzz_batched, fuzz_forward, fuzz_valid_views):
+        target()
+    total = sum(outcomes.values())
+    print(f"fuzz: {total} inputs, {outcomes['AttentionError']} AttentionError, "
+          f"{outcomes['MemoryError']} MemoryError, {outcomes['answer']} correct answers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
