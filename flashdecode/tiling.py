@@ -35,8 +35,8 @@ def check_scale(softmax_scale, head_dim):
     if softmax_scale is None:
         return 1.0 / float(np.sqrt(head_dim))
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real) \
-            or not np.isfinite(softmax_scale):
-        raise AttentionError(f"softmax_scale must be a finite real number or None; got {softmax_scale!r}")
+            or not abs(softmax_scale) <= float(np.finfo(np.float32).max):   # also catches NaN
+        raise AttentionError(f"softmax_scale must be a real number finite in float32, or None; got {softmax_scale!r}")
     return float(softmax_scale)
 
 

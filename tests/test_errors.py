@@ -26,6 +26,8 @@ f32 = lambda *shape: np.ones(shape, np.float32)
     (None, f32(10, 2, 64), f32(10, 2, 64), {}, ["q", "NoneType"]),
     (f32(1, 8, 64), f32(10, 2, 64), f32(10, 2, 64), {"softmax_scale": float("nan")}, ["softmax_scale", "nan"]),
     (f32(1, 8, 64), f32(10, 2, 64), f32(10, 2, 64), {"softmax_scale": "0.1"}, ["softmax_scale", "'0.1'"]),
+    (f32(1, 8, 64), f32(10, 2, 64), f32(10, 2, 64), {"softmax_scale": 1e300}, ["softmax_scale", "1e+300", "float32"]),
+    (f32(1, 8, 64), f32(10, 2, 64), f32(10, 2, 64), {"softmax_scale": float("-inf")}, ["softmax_scale", "-inf"]),
 ])
 def test_forward_errors(backend, q, k, v, kwargs, needles):
     with pytest.raises(AttentionError) as info:
