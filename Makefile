@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx
 BUILT  := $(VENV)/.built
 
-.PHONY: test lab build export bench annotate clean
+.PHONY: test lab build export run bench annotate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lab: $(BUILT)
 export: $(STAMP)
 	$(PY) book/export.py
 	$(MAKE) build
+
+# re-run one chapter and store its outputs, e.g. make run NB=book/03_tiling.ipynb
+run: $(BUILT)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False $(NB)
+	$(PY) book/export.py --clean
 
 bench: $(BUILT)
 	$(PY) -m flashdecode.bench

@@ -103,10 +103,29 @@ def write(files: dict[str, str], package: Path = PACKAGE) -> list[str]:
     return changed
 
 
+def clean(book: Path = BOOK) -> list[str]:
+    """Drop per-cell execution timestamps (they change on every run and only make diffs noisy)."""
+    cleaned = []
+    for notebook_path in sorted(book.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(notebook_path, as_version=4)
+        dirty = [cell for cell in nb.cells if "execution" in cell.metadata]
+        for cell in dirty:
+            del cell.metadata["execution"]
+        if dirty:
+            nbformat.write(nb, notebook_path)
+            cleaned.append(notebook_path.name)
+    return cleaned
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the package is out of date")
+    parser.add_argument("--clean", action="store_true", help="only strip execution timestamps from the notebooks")
     args = parser.parse_args(argv)
+    if args.clean:
+        for name in clean():
+            print(f"cleaned book/{name}")
+        return 0
     files = render()
     if args.check:
         stale = [n for n, t in files.items() if not (PACKAGE / n).exists() or (PACKAGE / n).read_text() != t]

@@ -54,3 +54,12 @@ def test_back_references_point_at_real_cells():
                 notebook, cell = line[len("# %% "):].split(", cell ")
                 nb = nbformat.read(ROOT / notebook, as_version=4)
                 assert "#| export" in nb.cells[int(cell)].source or "#| default_exp" in nb.cells[int(cell)].source
+
+
+def test_notebooks_carry_no_execution_timestamps():
+    """Stored outputs yes (they are the tutorial), run timestamps no (`make run` / `export.py --clean`)."""
+    import nbformat
+    for path in sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        stamped = [i for i, cell in enumerate(nb.cells) if "execution" in cell.metadata]
+        assert not stamped, f"{path.name} cells {stamped}: run `python book/export.py --clean`"
