@@ -26,8 +26,9 @@ test: $(BUILT)
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval book --nbval-sanitize-with book/sanitize.cfg -p no:cacheprovider
 
+# root (containers, CI machines) needs --allow-root; nobody else gets it
 lab: $(BUILT)
-	$(VENV)/bin/jupyter lab --notebook-dir=book
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=book $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # regenerate flashdecode/*.py and _kernels.pyx from the notebooks, then rebuild
 export: $(STAMP)
