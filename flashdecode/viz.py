@@ -51,6 +51,7 @@ class SoftmaxTrace:
 import io
 
 import ipywidgets as widgets
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -108,6 +109,12 @@ class SoftmaxPanels:
             ax_error.set(xlabel="tiles folded in")
             ax_error.set_title("max |partial − exact|", fontsize=10)
         self.trace = None
+
+    @property
+    def moving(self):
+        """What `show` changes (and the legends, drawn over it); the rest only changes with the trace."""
+        return ([artist for name, artist in self.artists.items() if name != "exact"]
+                + [self.ax_scores.title, self.ax_output.title, self.ax_scores.get_legend(), self.ax_output.get_legend()])
 
     def set_trace(self, trace):
         """New data (tile size, cache, spread or seed changed): fix every axis' limits for all its tiles."""
@@ -208,6 +215,10 @@ class SoftmaxExplorer:
         self.panels = SoftmaxPanels(self.figure.add_subplot(grid[0, :]),
                                     *[self.figure.add_subplot(grid[1, i]) for i in range(4)])
         self.artists = self.panels.artists
+        self.canvas = FigureCanvasAgg(self.figure)
+        for artist in self.panels.moving:       # drawn by _render over a cached background, not by canvas.draw
+            artist.set_animated(True)
+        self._background = None
         self.renders = 0
         self._holding = False
         self.widget = widgets.VBox([
@@ -251,6 +262,7 @@ class SoftmaxExplorer:
         scores, values = random_scores(self.cache_len.value, self.spread.value, self.seed.value, self.head_dim)
         self.trace = SoftmaxTrace(scores, values, self.tile_size.value)
         self.panels.set_trace(self.trace)
+        self._background = None                 # new limits: the static parts must be drawn again
         self._holding = True                    # moving the slider's range must not draw a half-updated state
         try:
             tile = min(max(1, -(-keys_seen // self.trace.tile_size)), self.n_tiles)
@@ -281,8 +293,24 @@ class SoftmaxExplorer:
             text += (f"<br>largest logit {largest:.1f} &gt; {EXP_OVERFLOW_F32:.1f}: exp(s) overflows float32; "
                      f"exp(s − m) never exceeds 1")
         self.readout.value = text
-        self.image.value = figure_png(self.figure)
+        self.image.value = self._render()
         self.renders += 1
+
+    def _render(self):
+        """PNG of the figure. The static parts (axes, ticks, labels, the exact output) are drawn once per trace
+        and kept; each step restores them and draws only the moving artists over them (blitting), several
+        times faster than drawing the whole figure, so stepping and play keep up."""
+        if self._background is None:
+            self.canvas.draw()                  # everything except the animated (moving) artists
+            self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        else:
+            self.canvas.restore_region(self._background)
+        for artist in self.panels.moving:
+            self.figure.draw_artist(artist)
+        from PIL import Image                   # Pillow: a dependency of matplotlib
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(self.canvas.buffer_rgba())).save(buffer, format="png", compress_level=3)
+        return buffer.getvalue()
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs)
