@@ -193,3 +193,32 @@ def test_widgets_display_as_widgets_with_a_readable_text_fallback():
         bundle = widget._repr_mimebundle_()
         assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.widget.model_id
         assert "live widget" in bundle["text/plain"]
+
+
+def test_blitted_frames_look_like_a_full_redraw():
+    """Each step redraws only the moving artists over a cached background; after any change the picture must
+    match drawing the whole figure from scratch (up to a few pixels where lines cross the axes' spines)."""
+    import io
+
+    from PIL import Image
+
+    explorer = SoftmaxExplorer(cache_len=300, tile_size=32, dpi=40)
+
+    def differing_pixels():
+        shown = np.asarray(Image.open(io.BytesIO(bytes(explorer.image.value)))).astype(int)
+        for artist in explorer.panels.moving:
+            artist.set_animated(False)
+        try:
+            explorer.canvas.draw()
+            full = np.asarray(explorer.canvas.buffer_rgba()).astype(int)
+        finally:
+            for artist in explorer.panels.moving:       # the cached background is a copy: left as it was
+                artist.set_animated(True)
+        return (np.abs(shown - full).max(axis=-1) > 0).mean()
+
+    for change in [lambda: None, lambda: setattr(explorer.tile, "value", 5),
+                   lambda: setattr(explorer.tile_size, "value", 20), lambda: setattr(explorer.spread, "value", 30.0),
+                   lambda: setattr(explorer.tile, "value", 1), lambda: setattr(explorer.cache_len, "value", 500)]:
+        change()
+        explorer.tile.value = max(1, explorer.tile.value - 1) if explorer.tile.value > 1 else 2   # one more step
+        assert differing_pixels() < 0.005
