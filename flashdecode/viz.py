@@ -194,7 +194,7 @@ class SoftmaxExplorer:
     def __init__(self, cache_len=1000, tile_size=64, spread=3.0, seed=0, head_dim=16, dpi=72):
         self.dpi = dpi
         self.head_dim = head_dim
-        self.tile = widgets.IntSlider(value=1, min=1, max=1, description="tile")
+        self.tile = widgets.IntSlider(value=1, min=1, max=1, description="tile", layout=widgets.Layout(width="560px"))
         self.tile.add_class("flashdecode-tile")
         self.play = widgets.Play(value=1, min=1, max=1, interval=350, description="play")
         widgets.link((self.play, "value"), (self.tile, "value"))
