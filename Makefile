@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx
 BUILT  := $(VENV)/.built
 
-.PHONY: test lab build export run bench annotate clean
+.PHONY: test lab build export run figures bench annotate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,9 @@ $(BUILT): $(STAMP) $(KERNEL) setup.py
 
 build: $(BUILT)
 
+# -rs prints every skip's reason: the browser test says why it did not run (no /usr/bin/chromium)
 test: $(BUILT)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -rs
 	$(PY) -m pytest --nbval book --nbval-sanitize-with book/sanitize.cfg -p no:cacheprovider
 
 # root (containers, CI machines) needs --allow-root; nobody else gets it
@@ -37,8 +38,15 @@ export: $(STAMP)
 
 # re-run one chapter and store its outputs, e.g. make run NB=book/03_tiling.ipynb
 run: $(BUILT)
-	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False $(NB)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False \
+		--ExecutePreprocessor.store_widget_state=False $(NB)
 	$(PY) book/export.py --clean
+
+# the static frames the README shows (the notebooks store their own)
+figures: $(BUILT)
+	$(PY) -c "from flashdecode.viz import SoftmaxExplorer, explorer_frames, figure_png; \
+	open('book/figures/softmax_explorer_frames.png', 'wb').write(figure_png(explorer_frames( \
+	SoftmaxExplorer(cache_len=1000, tile_size=64, spread=3.0, seed=0), tiles=[1, 2, 8, 16]), colours=128))"
 
 bench: $(BUILT)
 	$(PY) -m flashdecode.bench

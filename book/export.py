@@ -7,7 +7,11 @@ package:
 * Python cells go to `flashdecode/<name>.py`, where `<name>` comes from the
   notebook's `#| default_exp <name>` cell (itself exported: it holds the imports);
 * `%%cython` cells go to `flashdecode/_kernels.pyx` (nbdev cannot export
-  Cython, nbdev issue 315, hence this small exporter).
+  Cython, nbdev issue 315, hence this small exporter);
+* a cell whose first line is `#| export <name>` goes to `flashdecode/<name>.py`
+  instead of the notebook's module: that is how one module (`viz`, the
+  widgets) grows across several chapters, each adding the part it explains.
+  Modules assembled this way take their cells in chapter order.
 
 Each generated file starts with a header naming its notebook(s), and each
 copied cell is preceded by a back-reference `# %% book/<nb>.ipynb, cell <n>`
@@ -51,10 +55,16 @@ def exported_cells(notebook_path: Path):
             lines = [EXPORT_MARK] + lines[1:]
         is_cython = bool(lines) and lines[0].startswith("%%cython")
         body = lines[1:] if is_cython else lines
-        if not body or body[0].strip() != EXPORT_MARK:
+        mark = body[0].strip() if body else ""
+        if mark != EXPORT_MARK and not mark.startswith(EXPORT_MARK + " "):
             continue
+        named = mark[len(EXPORT_MARK):].strip()       # `#| export viz` names its own target module
         if is_cython:
             target = CYTHON_TARGET
+        elif named:
+            if not named.isidentifier():
+                raise ValueError(f"{notebook_path.name}: cell {number}: `{mark}` does not name a module")
+            target = f"{named}.py"
         elif module is None:
             raise ValueError(f"{notebook_path.name}: exported cell {number} comes before a `{MODULE_MARK}` cell")
         else:
