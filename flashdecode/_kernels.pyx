@@ -17,11 +17,16 @@ cdef extern from *:
     static int fd_max_threads(void) { return omp_get_max_threads(); }
     static int fd_has_openmp(void) { return 1; }
     static void fd_set_max_threads(int n) { omp_set_num_threads(n); }
+    static int fd_team_size(void) { return omp_get_num_threads(); }
     #else
     static int fd_max_threads(void) { return 1; }
     static int fd_has_openmp(void) { return 0; }
     static void fd_set_max_threads(int n) { (void) n; }
+    static int fd_team_size(void) { return 1; }
     #endif
+    static int fd_last_team = 0;    /* threads that ran the last attend() call */
+    static void fd_note_team(void) { fd_last_team = fd_team_size(); }
+    static int fd_last_team_size(void) { return fd_last_team; }
 
     /* The tile loops below are compiled twice when the compiler can dispatch at run time
        (gcc/clang on x86-64 Linux): once for plain x86-64 (SSE2) and once for CPUs with FMA
@@ -263,6 +268,8 @@ cdef extern from *:
     int fd_max_threads() noexcept nogil
     int fd_has_openmp() noexcept nogil
     void fd_set_max_threads(int n) noexcept nogil
+    void fd_note_team() noexcept nogil
+    int fd_last_team_size() noexcept nogil
     void fd_tile_scores(const float *q, const float *keys, Py_ssize_t k_token_stride,
                         Py_ssize_t k_head_stride, Py_ssize_t n, Py_ssize_t num_kv_heads, Py_ssize_t group,
                         Py_ssize_t head_dim, float *scores, Py_ssize_t tile) noexcept nogil
@@ -283,6 +290,11 @@ def max_threads():
 def set_max_threads(int n):
     """Set OpenMP's limit for later calls from this thread (omp_set_num_threads); no-op without OpenMP."""
     fd_set_max_threads(max(1, n))
+
+
+def last_team_size():
+    """How many threads the last attend() call actually ran on (for tests and the benchmark chapter)."""
+    return fd_last_team_size()
 
 
 def has_openmp():
@@ -444,6 +456,8 @@ def attend(
 
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
+        if tid == 0:
+            fd_note_team()
         thread_scratch = &scratch[tid, 0]
         # phase 1: each item is one row's key range [start, end); items come longest first
         for i in prange(n_items, schedule="dynamic"):
