@@ -34,8 +34,11 @@ export: $(STAMP)
 	$(PY) book/export.py
 	$(MAKE) build
 
+# torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
+BENCH_ARGS ?=
 bench: $(BUILT)
-	$(PY) -m flashdecode.bench
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m flashdecode.bench $(BENCH_ARGS)
 
 # Cython's annotated HTML: the hot loop should be white (no Python calls)
 annotate: $(STAMP)
