@@ -64,6 +64,7 @@ cdef extern from *:
     #endif
 
     #define fd_load8(p) (*(const fd_v8_u *) (p))   /* unaligned load */
+    #define fd_store8(p, x) (*(fd_v8_u *) (p) = (x))   /* unaligned store */
 
     /* The same for four heads sharing one key row: the key is loaded once per step. */
     FD_INLINE void fd_dot4_shared(const float *restrict q0, const float *restrict q1,
@@ -170,6 +171,27 @@ cdef extern from *:
             y0[i] = y0[i] + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3;
             y1[i] = y1[i] + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
         }
+    }
+
+    /* Four heads (rows y + r*ld, weights p + r*ldp) sharing four value rows: each value vector is
+       loaded into a register once for sixteen multiply-adds. */
+    FD_INLINE void fd_axpy4x4(float *restrict y, Py_ssize_t ld, const float *restrict p, Py_ssize_t ldp,
+                              const float *restrict x0, const float *restrict x1,
+                              const float *restrict x2, const float *restrict x3, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            fd_v8 v0 = fd_load8(x0 + i), v1 = fd_load8(x1 + i), v2 = fd_load8(x2 + i), v3 = fd_load8(x3 + i);
+            for (int r = 0; r < 4; r++) {
+                const float *w = p + r * ldp;
+                float *yr = y + r * ld + i;
+                fd_store8(yr, fd_load8(yr) + w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3);
+            }
+        }
+        for (; i < n; i++)
+            for (int r = 0; r < 4; r++) {
+                const float *w = p + r * ldp;
+                y[r * ld + i] = y[r * ld + i] + w[0] * x0[i] + w[1] * x1[i] + w[2] * x2[i] + w[3] * x3[i];
+            }
     }
 
     /* y *= a */
@@ -291,6 +313,9 @@ cdef extern from *:
                     for (Py_ssize_t i = 0; i < head_dim; i += 16)
                         __builtin_prefetch(v + t * v_token_stride + i);
                 Py_ssize_t hq = h * group;
+                for (; hq + 4 <= (h + 1) * group; hq += 4)
+                    fd_axpy4x4(acc + hq * head_dim, head_dim, weights + hq * tile + j, tile, v,
+                               v + v_token_stride, v + 2 * v_token_stride, v + 3 * v_token_stride, head_dim);
                 for (; hq + 2 <= (h + 1) * group; hq += 2)
                     fd_axpy4x2(acc + hq * head_dim, acc + (hq + 1) * head_dim, weights + hq * tile + j,
                                weights + (hq + 1) * tile + j, v, v + v_token_stride,
