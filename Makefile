@@ -48,8 +48,11 @@ figures: $(BUILT)
 	open('book/figures/softmax_explorer_frames.png', 'wb').write(figure_png(explorer_frames( \
 	SoftmaxExplorer(cache_len=1000, tile_size=64, spread=3.0, seed=0), tiles=[1, 2, 8, 16]), colours=128))"
 
+# torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
+BENCH_ARGS ?=
 bench: $(BUILT)
-	$(PY) -m flashdecode.bench
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m flashdecode.bench $(BENCH_ARGS)
 
 # Cython's annotated HTML: the hot loop should be white (no Python calls)
 annotate: $(STAMP)

@@ -3,7 +3,11 @@
 Metadata lives in pyproject.toml; this file only decides the compiler flags:
 OpenMP when the compiler has it (falls back to one thread, e.g. Apple clang),
 `-march=native` only when FLASHDECODE_NATIVE=1, never `-ffast-math` (it breaks
-inf/NaN handling and sets flush-to-zero for the whole process).
+inf/NaN handling and sets flush-to-zero for the whole process). `-fno-trapping-math`
+only tells the compiler that nobody traps on floating-point exceptions (clang's default
+already), so the vectorised exp's clamps become vector selects; inf and NaN are untouched.
+Without -march=native the kernel still uses AVX/FMA on CPUs that have them: its tile
+loops carry `target_clones` (chosen at load time), see book/05_compiled_kernel.ipynb.
 """
 import os
 import shutil
@@ -31,7 +35,7 @@ def compiler_accepts(flags):
             return False
 
 
-compile_args = ["-O3", "-fopenmp-simd"]
+compile_args = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
 link_args = []
 if os.environ.get("FLASHDECODE_NO_OPENMP") != "1" and compiler_accepts(["-fopenmp"]):
     compile_args.append("-fopenmp")

@@ -11,29 +11,144 @@ from libc.string cimport memset
 
 cdef extern from *:
     """
+    #include <string.h>
     #ifdef _OPENMP
     #include <omp.h>
     static int fd_max_threads(void) { return omp_get_max_threads(); }
     static int fd_has_openmp(void) { return 1; }
+    static void fd_set_max_threads(int n) { omp_set_num_threads(n); }
+    static int fd_team_size(void) { return omp_get_num_threads(); }
     #else
     static int fd_max_threads(void) { return 1; }
     static int fd_has_openmp(void) { return 0; }
+    static void fd_set_max_threads(int n) { (void) n; }
+    static int fd_team_size(void) { return 1; }
+    #endif
+    static int fd_last_team = 0;    /* threads that ran the last attend() call */
+    static void fd_note_team(void) { fd_last_team = fd_team_size(); }
+    static int fd_last_team_size(void) { return fd_last_team; }
+
+    /* The tile loops below are compiled twice when the compiler can dispatch at run time
+       (gcc/clang on x86-64 Linux): once for plain x86-64 (SSE2) and once for CPUs with FMA
+       (and AVX), chosen when the module loads. The wheel stays portable — this is not
+       -march=native — and a tile is large enough that the indirect call costs nothing. */
+    #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+    #if __has_attribute(target_clones) && !defined(FD_NO_CLONES)
+    #define FD_CLONES __attribute__((target_clones("fma", "default")))
+    #endif
+    #endif
+    #ifndef FD_CLONES
+    #define FD_CLONES
+    #endif
+    #define FD_INLINE static inline __attribute__((always_inline))
+    #ifndef FD_AHEAD
+    #define FD_AHEAD 8
     #endif
 
-    /* q.k with 16 independent partial sums: the fixed-width inner loop vectorises at -O3
-       (four SSE or two AVX registers) without -ffast-math, and the order of the final
-       additions is fixed, so results do not depend on the thread count. */
-    static inline float fd_dot(const float *a, const float *b, Py_ssize_t n) {
-        float part[16] = {0};
+    /* Every loop below is a `#pragma omp simd` loop over the head dimension that gcc
+       vectorises at -O3 without -ffast-math: the pragma licenses reordering *that* loop's
+       reduction only, so inf and NaN keep their meaning. The order is fixed at compile time:
+       results do not depend on the thread count. */
+
+    /* Dot products on 8-float vectors (gcc/clang vector extensions: two SSE registers on plain
+       x86-64, one AVX register in the FMA clone). fd_dot4 computes four dot products
+       s[r] = q_r . k_r at once, four independent chains, and reduces the four accumulators
+       together with shuffles (a transposed sum) instead of lane by lane. */
+    typedef float fd_v8 __attribute__((vector_size(32)));
+    typedef float fd_v8_u __attribute__((vector_size(32), aligned(4), may_alias));
+    #if defined(__clang__)
+    #define FD_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+    #else
+    typedef int fd_i8 __attribute__((vector_size(32)));
+    #define FD_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (fd_i8){__VA_ARGS__})
+    #endif
+
+    #define fd_load8(p) (*(const fd_v8_u *) (p))   /* unaligned load */
+    #define fd_store8(p, x) (*(fd_v8_u *) (p) = (x))   /* unaligned store */
+
+    /* The same for four heads sharing one key row: the key is loaded once per step. */
+    FD_INLINE void fd_dot4_shared(const float *restrict q0, const float *restrict q1,
+                                  const float *restrict q2, const float *restrict q3,
+                                  const float *restrict k, Py_ssize_t n, float *restrict s) {
+        fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         Py_ssize_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            #pragma omp simd
-            for (int j = 0; j < 16; j++) part[j] += a[i + j] * b[i + j];
+        for (; i + 8 <= n; i += 8) {
+            fd_v8 x = fd_load8(k + i);
+            a0 += fd_load8(q0 + i) * x;
+            a1 += fd_load8(q1 + i) * x;
+            a2 += fd_load8(q2 + i) * x;
+            a3 += fd_load8(q3 + i) * x;
         }
-        float s = 0.0f;
-        for (; i < n; i++) s += a[i] * b[i];
-        for (int j = 0; j < 16; j++) s += part[j];
-        return s;
+        fd_v8 b01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 b23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 c = FD_SHUFFLE(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);
+        float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+        for (; i < n; i++) {
+            t0 += q0[i] * k[i]; t1 += q1[i] * k[i]; t2 += q2[i] * k[i]; t3 += q3[i] * k[i];
+        }
+        s[0] = (c[0] + c[4]) + t0; s[1] = (c[1] + c[5]) + t1;
+        s[2] = (c[2] + c[6]) + t2; s[3] = (c[3] + c[7]) + t3;
+    }
+
+    /* Eight dot products: four heads sharing a kv head, against two consecutive key rows ka and kb
+       (sa[r] = q_r . ka, sb[r] = q_r . kb): six loads per eight multiply-adds instead of ten. */
+    FD_INLINE void fd_dot4x2_shared(const float *restrict q0, const float *restrict q1,
+                                    const float *restrict q2, const float *restrict q3,
+                                    const float *restrict ka, const float *restrict kb, Py_ssize_t n,
+                                    float *restrict sa, float *restrict sb) {
+        fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            fd_v8 x = fd_load8(ka + i), y = fd_load8(kb + i), w;
+            w = fd_load8(q0 + i); a0 += w * x; b0 += w * y;
+            w = fd_load8(q1 + i); a1 += w * x; b1 += w * y;
+            w = fd_load8(q2 + i); a2 += w * x; b2 += w * y;
+            w = fd_load8(q3 + i); a3 += w * x; b3 += w * y;
+        }
+        fd_v8 c01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 c23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 ca = FD_SHUFFLE(c01, c23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(c01, c23, 2, 3, 10, 11, 6, 7, 14, 15);
+        fd_v8 d01 = FD_SHUFFLE(b0, b1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(b0, b1, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 d23 = FD_SHUFFLE(b2, b3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(b2, b3, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 cb = FD_SHUFFLE(d01, d23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(d01, d23, 2, 3, 10, 11, 6, 7, 14, 15);
+        float ta[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float *qs[4] = {q0, q1, q2, q3};
+        for (; i < n; i++)
+            for (int r = 0; r < 4; r++) { ta[r] += qs[r][i] * ka[i]; tb[r] += qs[r][i] * kb[i]; }
+        for (int r = 0; r < 4; r++) { sa[r] = (ca[r] + ca[r + 4]) + ta[r]; sb[r] = (cb[r] + cb[r + 4]) + tb[r]; }
+    }
+
+    FD_INLINE void fd_dot4(const float *restrict q0, const float *restrict q1,
+                           const float *restrict q2, const float *restrict q3,
+                           const float *k0, const float *k1, const float *k2, const float *k3,
+                           Py_ssize_t n, float *restrict s) {
+        fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            a0 += fd_load8(q0 + i) * fd_load8(k0 + i);
+            a1 += fd_load8(q1 + i) * fd_load8(k1 + i);
+            a2 += fd_load8(q2 + i) * fd_load8(k2 + i);
+            a3 += fd_load8(q3 + i) * fd_load8(k3 + i);
+        }
+        fd_v8 b01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 b23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+        fd_v8 c = FD_SHUFFLE(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);
+        float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+        for (; i < n; i++) {
+            t0 += q0[i] * k0[i]; t1 += q1[i] * k1[i]; t2 += q2[i] * k2[i]; t3 += q3[i] * k3[i];
+        }
+        s[0] = (c[0] + c[4]) + t0; s[1] = (c[1] + c[5]) + t1;
+        s[2] = (c[2] + c[6]) + t2; s[3] = (c[3] + c[7]) + t3;
+    }
+
+    /* y += p0*x0 + p1*x1 + p2*x2 + p3*x3: four value rows per pass over the accumulator row
+       (one load and one store of y for four rows; the same left-to-right sum as four axpys). */
+    FD_INLINE void fd_axpy4(float *restrict y, const float *restrict p,
+                                const float *restrict x0, const float *restrict x1,
+                                const float *restrict x2, const float *restrict x3, Py_ssize_t n) {
+        float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+        #pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) y[i] = y[i] + p0 * x0[i] + p1 * x1[i] + p2 * x2[i] + p3 * x3[i];
     }
 
     /* y += a * x */
@@ -42,17 +157,202 @@ cdef extern from *:
         for (Py_ssize_t i = 0; i < n; i++) y[i] += a * x[i];
     }
 
+    /* The same for two heads (accumulator rows y0, y1 with weights p0[0..3], p1[0..3]) sharing
+       the four value rows: each value vector is loaded once for eight multiply-adds. */
+    FD_INLINE void fd_axpy4x2(float *restrict y0, float *restrict y1, const float *restrict p0,
+                              const float *restrict p1, const float *restrict x0,
+                              const float *restrict x1, const float *restrict x2,
+                              const float *restrict x3, Py_ssize_t n) {
+        float a0 = p0[0], a1 = p0[1], a2 = p0[2], a3 = p0[3];
+        float b0 = p1[0], b1 = p1[1], b2 = p1[2], b3 = p1[3];
+        #pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
+            y0[i] = y0[i] + a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3;
+            y1[i] = y1[i] + b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
+        }
+    }
+
+    /* Four heads (rows y + r*ld, weights p + r*ldp) sharing four value rows: each value vector is
+       loaded into a register once for sixteen multiply-adds. */
+    FD_INLINE void fd_axpy4x4(float *restrict y, Py_ssize_t ld, const float *restrict p, Py_ssize_t ldp,
+                              const float *restrict x0, const float *restrict x1,
+                              const float *restrict x2, const float *restrict x3, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            fd_v8 v0 = fd_load8(x0 + i), v1 = fd_load8(x1 + i), v2 = fd_load8(x2 + i), v3 = fd_load8(x3 + i);
+            for (int r = 0; r < 4; r++) {
+                const float *w = p + r * ldp;
+                float *yr = y + r * ld + i;
+                fd_store8(yr, fd_load8(yr) + w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3);
+            }
+        }
+        for (; i < n; i++)
+            for (int r = 0; r < 4; r++) {
+                const float *w = p + r * ldp;
+                y[r * ld + i] = y[r * ld + i] + w[0] * x0[i] + w[1] * x1[i] + w[2] * x2[i] + w[3] * x3[i];
+            }
+    }
+
     /* y *= a */
     static inline void fd_scale(float *y, float a, Py_ssize_t n) {
         #pragma omp simd
         for (Py_ssize_t i = 0; i < n; i++) y[i] *= a;
     }
+
+    /* The largest of s[0..n), NaN if any is NaN, -inf for n == 0. */
+    static inline float fd_max(const float *s, Py_ssize_t n) {
+        float m = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(max:m) reduction(|:nan)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            m = s[i] > m ? s[i] : m;
+            nan |= s[i] != s[i];
+        }
+        return nan ? NAN : m;
+    }
+
+    /* s[i] = exp(s[i] - m) in place, returning the sum: a vectorised expf. Cody-Waite range
+       reduction x = k ln2 + r (k rounded with the 1.5 * 2^23 trick, exact without fast-math),
+       Cephes' degree-5 polynomial for e^r on |r| <= ln2/2, and 2^k built from k's bits.
+       Relative error about 2e-7, like libm's expf; exp(x) = 0 below -87.3 (-inf included),
+       NaN stays NaN. */
+    FD_CLONES static float fd_exp_sub(float *restrict s, Py_ssize_t n, float m) {
+        float sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = s[i] - m;
+            float xc = x < -87.0f ? -87.0f : x;
+            float t = xc * 1.44269504088896341f + 12582912.0f;
+            float k = t - 12582912.0f;
+            float r = xc - k * 0.693359375f;
+            r = r + k * 2.12194440e-4f;
+            float p = 1.9875691500e-4f;
+            p = p * r + 1.3981999507e-3f;
+            p = p * r + 8.3334519073e-3f;
+            p = p * r + 4.1665795894e-2f;
+            p = p * r + 1.6666665459e-1f;
+            p = p * r + 5.0000001201e-1f;
+            p = p * r * r + r + 1.0f;
+            int bits;
+            memcpy(&bits, &t, sizeof bits);
+            bits = (bits - 0x4B400000 + 127) << 23;
+            float two_k;
+            memcpy(&two_k, &bits, sizeof two_k);
+            float e = x < -87.0f ? 0.0f : p * two_k;
+            s[i] = e;
+            sum += e;
+        }
+        return sum;
+    }
+
+    /* scores[hq * tile + j] = q_hq . key(j, hq / group) for the n keys of a tile: tokens in
+       memory order, four query heads per pass — when the four share a kv head (group >= 4),
+       each key row is used by all of them while it is in L1. q holds the H query heads,
+       already multiplied by the scale. */
+    FD_CLONES static void fd_tile_scores(
+            const float *restrict q, const float *restrict keys, Py_ssize_t k_token_stride,
+            Py_ssize_t k_head_stride, Py_ssize_t n, Py_ssize_t num_kv_heads, Py_ssize_t group,
+            Py_ssize_t head_dim, float *restrict scores, Py_ssize_t tile) {
+        Py_ssize_t num_heads = num_kv_heads * group;
+        float p[4], p2[4];
+        Py_ssize_t j = 0;
+        if (group % 4 == 0) {              /* whole blocks of four heads share a kv head: two tokens per pass */
+            for (; j + 2 <= n; j += 2) {
+                const float *token = keys + j * k_token_stride;
+                for (Py_ssize_t h = 0; h < num_kv_heads; h++)
+                    for (Py_ssize_t i = 0; i < head_dim; i += 16) {
+                        __builtin_prefetch(token + FD_AHEAD * k_token_stride + h * k_head_stride + i);
+                        __builtin_prefetch(token + (FD_AHEAD + 1) * k_token_stride + h * k_head_stride + i);
+                    }
+                for (Py_ssize_t hq = 0; hq < num_heads; hq += 4) {
+                    const float *q0 = q + hq * head_dim, *ka = token + (hq / group) * k_head_stride;
+                    fd_dot4x2_shared(q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim, ka,
+                                     ka + k_token_stride, head_dim, p, p2);
+                    for (Py_ssize_t r = 0; r < 4; r++) {
+                        scores[(hq + r) * tile + j] = p[r];
+                        scores[(hq + r) * tile + j + 1] = p2[r];
+                    }
+                }
+            }
+        }
+        for (; j < n; j++) {
+            const float *token = keys + j * k_token_stride;
+            for (Py_ssize_t h = 0; h < num_kv_heads; h++)   /* the key rows FD_AHEAD tokens on */
+                for (Py_ssize_t i = 0; i < head_dim; i += 16)
+                    __builtin_prefetch(token + FD_AHEAD * k_token_stride + h * k_head_stride + i);
+            for (Py_ssize_t hq = 0; hq < num_heads; hq += 4) {
+                const float *k[4], *qs[4];
+                Py_ssize_t m = num_heads - hq < 4 ? num_heads - hq : 4;
+                for (Py_ssize_t r = 0; r < 4; r++) {      /* past the last head: repeat it */
+                    Py_ssize_t head = hq + (r < m ? r : m - 1);
+                    qs[r] = q + head * head_dim;
+                    k[r] = token + (head / group) * k_head_stride;
+                }
+                if (k[0] == k[3])
+                    fd_dot4_shared(qs[0], qs[1], qs[2], qs[3], k[0], head_dim, p);
+                else
+                    fd_dot4(qs[0], qs[1], qs[2], qs[3], k[0], k[1], k[2], k[3], head_dim, p);
+                for (Py_ssize_t r = 0; r < m; r++) scores[(hq + r) * tile + j] = p[r];
+            }
+        }
+    }
+
+    /* acc[hq] += sum_j weights[hq * tile + j] * value(j, h) over the n tokens of a tile: four
+       value rows (tokens) per pass over an accumulator row, each value row used by the
+       group's heads while it is in L1. */
+    FD_CLONES static void fd_tile_update(
+            float *restrict acc, const float *restrict weights, Py_ssize_t tile,
+            const float *restrict values, Py_ssize_t v_token_stride, Py_ssize_t v_head_stride,
+            Py_ssize_t n, Py_ssize_t num_kv_heads, Py_ssize_t group, Py_ssize_t head_dim) {
+        Py_ssize_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            for (Py_ssize_t h = 0; h < num_kv_heads; h++) {
+                const float *v = values + j * v_token_stride + h * v_head_stride;
+                for (Py_ssize_t t = FD_AHEAD; t < FD_AHEAD + 4; t++)
+                    for (Py_ssize_t i = 0; i < head_dim; i += 16)
+                        __builtin_prefetch(v + t * v_token_stride + i);
+                Py_ssize_t hq = h * group;
+                for (; hq + 4 <= (h + 1) * group; hq += 4)
+                    fd_axpy4x4(acc + hq * head_dim, head_dim, weights + hq * tile + j, tile, v,
+                               v + v_token_stride, v + 2 * v_token_stride, v + 3 * v_token_stride, head_dim);
+                for (; hq + 2 <= (h + 1) * group; hq += 2)
+                    fd_axpy4x2(acc + hq * head_dim, acc + (hq + 1) * head_dim, weights + hq * tile + j,
+                               weights + (hq + 1) * tile + j, v, v + v_token_stride,
+                               v + 2 * v_token_stride, v + 3 * v_token_stride, head_dim);
+                if (hq < (h + 1) * group)
+                    fd_axpy4(acc + hq * head_dim, weights + hq * tile + j, v, v + v_token_stride,
+                             v + 2 * v_token_stride, v + 3 * v_token_stride, head_dim);
+            }
+        }
+        for (; j < n; j++) {
+            for (Py_ssize_t h = 0; h < num_kv_heads; h++) {
+                const float *v = values + j * v_token_stride + h * v_head_stride;
+                for (Py_ssize_t hq = h * group; hq < (h + 1) * group; hq++) {
+                    float w = weights[hq * tile + j];
+                    float *y = acc + hq * head_dim;
+                    #pragma omp simd
+                    for (Py_ssize_t i = 0; i < head_dim; i++) y[i] += w * v[i];
+                }
+            }
+        }
+    }
     """
     int fd_max_threads() noexcept nogil
     int fd_has_openmp() noexcept nogil
-    float fd_dot(const float *a, const float *b, Py_ssize_t n) noexcept nogil
+    void fd_set_max_threads(int n) noexcept nogil
+    void fd_note_team() noexcept nogil
+    int fd_last_team_size() noexcept nogil
+    void fd_tile_scores(const float *q, const float *keys, Py_ssize_t k_token_stride,
+                        Py_ssize_t k_head_stride, Py_ssize_t n, Py_ssize_t num_kv_heads, Py_ssize_t group,
+                        Py_ssize_t head_dim, float *scores, Py_ssize_t tile) noexcept nogil
+    void fd_tile_update(float *acc, const float *weights, Py_ssize_t tile, const float *values,
+                        Py_ssize_t v_token_stride, Py_ssize_t v_head_stride, Py_ssize_t n,
+                        Py_ssize_t num_kv_heads, Py_ssize_t group, Py_ssize_t head_dim) noexcept nogil
     void fd_axpy(float *y, float a, const float *x, Py_ssize_t n) noexcept nogil
     void fd_scale(float *y, float a, Py_ssize_t n) noexcept nogil
+    float fd_max(const float *s, Py_ssize_t n) noexcept nogil
+    float fd_exp_sub(float *s, Py_ssize_t n, float m) noexcept nogil
 
 
 def max_threads():
@@ -60,9 +360,24 @@ def max_threads():
     return fd_max_threads()
 
 
+def set_max_threads(int n):
+    """Set OpenMP's limit for later calls from this thread (omp_set_num_threads); no-op without OpenMP."""
+    fd_set_max_threads(max(1, n))
+
+
+def last_team_size():
+    """How many threads the last attend() call actually ran on (for tests and the benchmark chapter)."""
+    return fd_last_team_size()
+
+
 def has_openmp():
     """True when the kernel was compiled with OpenMP."""
     return bool(fd_has_openmp())
+
+
+def exp_sub(float[::1] s, float m):
+    """The kernel's vectorised exp, exposed for tests: s[i] = exp(s[i] - m) in place; returns the sum."""
+    return fd_exp_sub(&s[0], s.shape[0], m) if s.shape[0] else 0.0
 
 
 # Rows of the `rows` table passed to attend(): where one query row's keys and values live.
@@ -84,66 +399,55 @@ cdef void attend_range(
     Py_ssize_t v_token_stride, Py_ssize_t v_head_stride,
     Py_ssize_t start, Py_ssize_t stop,   # the keys [start, stop) this work item reads
     Py_ssize_t num_kv_heads, Py_ssize_t group, Py_ssize_t head_dim, Py_ssize_t tile, float scale,
-    float *scores,               # scratch (H, tile)
+    float *scores,               # scratch (H, tile): scores, then weights
     float *row_max,              # scratch (H,)
     float *row_sum,              # scratch (H,)
     float *acc,                  # scratch (H, D)
+    float *q_scaled,             # scratch (H, D): q * scale
     float *out,                  # (H, D) result: acc / row_sum
     float *lse,                  # (H,)  result: row_max + log(row_sum)
 ) noexcept nogil:
     """Online softmax over keys [start, stop) for all heads of one row (chapter 02's step, compiled).
 
     Tokens are visited in memory order (token, kv head): the cache streams through once,
-    and each key or value row serves the G query heads of its group while it is in L1.
+    and each key or value row serves the G query heads of its group while it is in L1 —
+    four heads per pass over a key row, four value rows per pass over an accumulator row.
     """
     cdef Py_ssize_t num_heads = num_kv_heads * group
-    cdef Py_ssize_t h, g, hq, j, t0, n
-    cdef const float *key
-    cdef const float *value
+    cdef Py_ssize_t hq, j, t0, n
     cdef float *s
-    cdef float new_max, rescale, weight, tile_sum, inv_sum
+    cdef float new_max, rescale, tile_sum, inv_sum
     for hq in range(num_heads):
         row_max[hq] = -INFINITY
         row_sum[hq] = 0.0
+    for j in range(num_heads * head_dim):
+        q_scaled[j] = q[j] * scale
     memset(acc, 0, num_heads * head_dim * sizeof(float))
 
     t0 = start
     while t0 < stop:
         n = min(tile, stop - t0)
-        # scores (H, n)
-        for j in range(n):
-            for h in range(num_kv_heads):
-                key = keys + (t0 + j) * k_token_stride + h * k_head_stride
-                for g in range(group):
-                    hq = h * group + g
-                    scores[hq * tile + j] = fd_dot(q + hq * head_dim, key, head_dim) * scale
+        # scores (H, n): four heads per pass over a key row
+        fd_tile_scores(q_scaled, keys + t0 * k_token_stride, k_token_stride, k_head_stride,
+                       n, num_kv_heads, group, head_dim, scores, tile)
         # online softmax: new max, rescale the old state once per tile, weights in place of scores
         for hq in range(num_heads):
             s = scores + hq * tile
-            new_max = row_max[hq]
-            for j in range(n):
-                if s[j] > new_max or s[j] != s[j]:     # a NaN score must poison the row, not vanish
-                    new_max = s[j]
+            new_max = fd_max(s, n)
+            if row_max[hq] > new_max or row_max[hq] != row_max[hq]:   # a NaN poisons the row for good
+                new_max = row_max[hq]
             if new_max == -INFINITY:          # only -inf scores so far: nothing to add yet
                 memset(s, 0, n * sizeof(float))
                 continue
             rescale = expf(row_max[hq] - new_max)
-            tile_sum = 0.0
-            for j in range(n):
-                weight = expf(s[j] - new_max)
-                s[j] = weight
-                tile_sum = tile_sum + weight
+            tile_sum = fd_exp_sub(s, n, new_max)
             row_sum[hq] = row_sum[hq] * rescale + tile_sum
             row_max[hq] = new_max
             if rescale != 1.0:
                 fd_scale(acc + hq * head_dim, rescale, head_dim)
-        # acc += weights . V, value rows in memory order
-        for j in range(n):
-            for h in range(num_kv_heads):
-                value = values + (t0 + j) * v_token_stride + h * v_head_stride
-                for g in range(group):
-                    hq = h * group + g
-                    fd_axpy(acc + hq * head_dim, scores[hq * tile + j], value, head_dim)
+        # acc += weights . V, each value row loaded once for the G heads of its group
+        fd_tile_update(acc, scores, tile, values + t0 * v_token_stride, v_token_stride, v_head_stride,
+                       n, num_kv_heads, group, head_dim)
         t0 = t0 + tile
 
     for hq in range(num_heads):
@@ -208,8 +512,9 @@ def attend(
     lse_array = np.full((num_rows, num_heads), -np.inf, np.float32)
     part_out_array = np.empty((n_parts, num_heads, head_dim), np.float32)
     part_lse_array = np.empty((n_parts, num_heads), np.float32)
-    # per-thread scratch: scores (H, tile), row_max (H), row_sum (H), acc (H, D); never O(cache length)
-    cdef Py_ssize_t scratch_size = num_heads * (tile + 2 + head_dim)
+    # per-thread scratch: scores (H, tile), row_max (H), row_sum (H), acc (H, D), q_scaled (H, D);
+    # never O(cache length)
+    cdef Py_ssize_t scratch_size = num_heads * (tile + 2 + 2 * head_dim)
     num_threads = max(1, min(num_threads, max(n_items, n_merges)))
     scratch_array = np.empty((num_threads, scratch_size), np.float32)
 
@@ -224,6 +529,8 @@ def attend(
 
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
+        if tid == 0:
+            fd_note_team()
         thread_scratch = &scratch[tid, 0]
         # phase 1: each item is one row's key range [start, end); items come longest first
         for i in prange(n_items, schedule="dynamic"):
@@ -244,6 +551,7 @@ def attend(
                 thread_scratch + num_heads * tile,
                 thread_scratch + num_heads * (tile + 1),
                 thread_scratch + num_heads * (tile + 2),
+                thread_scratch + num_heads * (tile + 2 + head_dim),
                 dest_out, dest_lse)
         # phase 2 (after the implicit barrier): merge the splits of long caches
         for m in prange(n_merges, schedule="static"):

@@ -59,9 +59,9 @@ def kv_row(k, v):
 
 
 def resolve_threads(num_threads):
-    """None -> every thread OpenMP allows (OMP_NUM_THREADS and threadpoolctl are honoured)."""
+    """None -> get_num_threads(): every thread OpenMP allows (OMP_NUM_THREADS and threadpoolctl are honoured)."""
     if num_threads is None:
-        return _kernels.max_threads()
+        return get_num_threads()
     # more threads than work items is useless, and OpenMP takes a C int
     return min(check_count("num_threads", num_threads, 1), 1 << 16)
 
@@ -134,3 +134,20 @@ def batched_flash_attention(q_batch, kv_view, softmax_scale=None, *, return_lse=
             rows[b], kv_lens[b], num_kv_heads = kv_row(k, v), position, k.shape[1]
     out, lse = launch(_kernels.attend, q_batch, rows, kv_lens, num_kv_heads, scale, num_threads, split_size)
     return (out, lse) if return_lse else out
+
+# %% book/05_compiled_kernel.ipynb, cell 15
+def get_num_threads():
+    """Threads a call with num_threads=None will use: OpenMP's limit for the calling thread,
+    as set by OMP_NUM_THREADS, threadpoolctl or set_num_threads (1 without OpenMP)."""
+    return _kernels.max_threads()
+
+
+def set_num_threads(n):
+    """Use at most n threads in later calls with num_threads=None (from this thread); returns the old limit.
+
+    This is omp_set_num_threads: the same limit OMP_NUM_THREADS and threadpoolctl set.
+    """
+    n = min(check_count("n", n, 1), 1 << 16)   # OpenMP takes a C int
+    previous = get_num_threads()
+    _kernels.set_max_threads(n)
+    return previous
