@@ -294,6 +294,33 @@ def _status_kib(key):
     raise OSError(key)
 
 # %% book/06_benchmarks.ipynb, cell 20
+def python_threads_overlap(num_slots=8, length=4096, calls=10, rounds=3):
+    """(serial s, two-thread s): 2 x `calls` single-threaded decode steps, one Python thread vs two at once."""
+    q, cache = make_inputs(Scenario("threads", [length] * num_slots, 8, 8))
+    cache.keys.flags.writeable = cache.values.flags.writeable = False     # shared, read-only
+    view = cache.view(range(num_slots))
+
+    def work():
+        for _ in range(calls):
+            batched_flash_attention(q, view, num_threads=1)
+
+    work()                                                                    # warm up
+    serial, together = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        work()
+        serial.append(time.perf_counter() - start)
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        together.append(time.perf_counter() - start)
+    return min(serial), min(together)
+
+# %% book/06_benchmarks.ipynb, cell 23
 COLUMNS = [("scenario", "{:<8}"), ("shape", "{:<34}"), ("kv_mib", "{:>7.0f}"), ("flashdecode_s", "{:>8.2f}"),
            ("flashdecode_gbs", "{:>6.2f}"), ("roof_gbs", "{:>5.1f}"), ("roof_frac", "{:>5.0%}"),
            ("x_naive", "{:>6.0f}x"), ("x_numpy", "{:>5.0f}x"), ("torch_s", "{:>8.2f}"), ("torch_best", "{:<8}"),
@@ -365,7 +392,7 @@ def plot(rows, path=None):
         fig.savefig(path, dpi=110)
     return fig
 
-# %% book/06_benchmarks.ipynb, cell 21
+# %% book/06_benchmarks.ipynb, cell 24
 def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
     """Run the scenarios (all, or those named) and return their result rows."""
     num_threads = num_threads or get_num_threads()
@@ -395,6 +422,8 @@ def main(argv=None):
     rows = run(args.quick, threads, args.scenario)
     print("memory per call ...", file=sys.stderr, flush=True)
     memory = memory_per_call(num_threads=threads)
+    print("two Python threads ...", file=sys.stderr, flush=True)
+    serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
     save_csv(rows, os.path.join(args.out, "results.csv"))
     try:
@@ -411,6 +440,8 @@ def main(argv=None):
         rss = "n/a" if m["rss_kib"] is None else f"{m['rss_kib']:.0f} KiB"
         print(f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
               f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}")
+    print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
+          f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
     print(f"saved {saved} in {args.out}/", file=sys.stderr)
     return rows, memory
 
