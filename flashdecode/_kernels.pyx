@@ -90,32 +90,49 @@ cdef extern from *:
         s[2] = (c[2] + c[6]) + t2; s[3] = (c[3] + c[7]) + t3;
     }
 
-    /* Eight dot products: four heads sharing a kv head, against two consecutive key rows ka and kb
-       (sa[r] = q_r . ka, sb[r] = q_r . kb): six loads per eight multiply-adds instead of ten. */
-    FD_INLINE void fd_dot4x2_shared(const float *restrict q0, const float *restrict q1,
+    /* Lanes r and r + 4 of FD_TRANSPOSED_SUM4(a0, a1, a2, a3) hold the two halves of a_r's sum
+       (shuffles instead of a lane-by-lane reduction), in the same order as fd_dot4's. A macro, not
+       a function: a 32-byte vector argument would change the calling convention between clones. */
+    #define FD_TRANSPOSED_SUM4(a0, a1, a2, a3) ({ \
+        fd_v8 b01_ = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15); \
+        fd_v8 b23_ = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15); \
+        FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
+
+    /* Twelve dot products: four heads sharing a kv head, against three consecutive key rows
+       (s[c][r] = q_r . k_c, k_c = k + c * ks): seven loads per twelve multiply-adds, and the twelve
+       accumulators plus three keys and one query fill exactly the sixteen AVX registers. Two key
+       rows (eight accumulators) left gcc free to fold each query load into both of its
+       multiply-adds — ten loads per eight — and the loads, not the multiply-adds, set the pace.
+       The sums follow fd_dot4_shared's order; which of the two a key goes through is fixed by the
+       plan (tile boundaries), so results stay independent of the thread count. */
+    FD_INLINE void fd_dot4x3_shared(const float *restrict q0, const float *restrict q1,
                                     const float *restrict q2, const float *restrict q3,
-                                    const float *restrict ka, const float *restrict kb, Py_ssize_t n,
-                                    float *restrict sa, float *restrict sb) {
+                                    const float *restrict k, Py_ssize_t ks, Py_ssize_t n,
+                                    float s[3][4]) {
         fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        fd_v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+        const float *ka = k, *kb = k + ks, *kc = k + 2 * ks;
         Py_ssize_t i = 0;
         for (; i + 8 <= n; i += 8) {
-            fd_v8 x = fd_load8(ka + i), y = fd_load8(kb + i), w;
-            w = fd_load8(q0 + i); a0 += w * x; b0 += w * y;
-            w = fd_load8(q1 + i); a1 += w * x; b1 += w * y;
-            w = fd_load8(q2 + i); a2 += w * x; b2 += w * y;
-            w = fd_load8(q3 + i); a3 += w * x; b3 += w * y;
+            fd_v8 x = fd_load8(ka + i), y = fd_load8(kb + i), z = fd_load8(kc + i), w;
+            w = fd_load8(q0 + i); a0 += w * x; b0 += w * y; c0 += w * z;
+            w = fd_load8(q1 + i); a1 += w * x; b1 += w * y; c1 += w * z;
+            w = fd_load8(q2 + i); a2 += w * x; b2 += w * y; c2 += w * z;
+            w = fd_load8(q3 + i); a3 += w * x; b3 += w * y; c3 += w * z;
         }
-        fd_v8 c01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 c23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 ca = FD_SHUFFLE(c01, c23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(c01, c23, 2, 3, 10, 11, 6, 7, 14, 15);
-        fd_v8 d01 = FD_SHUFFLE(b0, b1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(b0, b1, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 d23 = FD_SHUFFLE(b2, b3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(b2, b3, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 cb = FD_SHUFFLE(d01, d23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(d01, d23, 2, 3, 10, 11, 6, 7, 14, 15);
-        float ta[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float ta[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         const float *qs[4] = {q0, q1, q2, q3};
         for (; i < n; i++)
-            for (int r = 0; r < 4; r++) { ta[r] += qs[r][i] * ka[i]; tb[r] += qs[r][i] * kb[i]; }
-        for (int r = 0; r < 4; r++) { sa[r] = (ca[r] + ca[r + 4]) + ta[r]; sb[r] = (cb[r] + cb[r + 4]) + tb[r]; }
+            for (int r = 0; r < 4; r++) {
+                ta[r] += qs[r][i] * ka[i]; tb[r] += qs[r][i] * kb[i]; tc[r] += qs[r][i] * kc[i];
+            }
+        fd_v8 ea = FD_TRANSPOSED_SUM4(a0, a1, a2, a3), eb = FD_TRANSPOSED_SUM4(b0, b1, b2, b3);
+        fd_v8 ec = FD_TRANSPOSED_SUM4(c0, c1, c2, c3);
+        for (int r = 0; r < 4; r++) {
+            s[0][r] = (ea[r] + ea[r + 4]) + ta[r];
+            s[1][r] = (eb[r] + eb[r + 4]) + tb[r];
+            s[2][r] = (ec[r] + ec[r + 4]) + tc[r];
+        }
     }
 
     FD_INLINE void fd_dot4(const float *restrict q0, const float *restrict q1,
@@ -248,31 +265,28 @@ cdef extern from *:
 
     /* scores[hq * tile + j] = q_hq . key(j, hq / group) for the n keys of a tile: tokens in
        memory order, four query heads per pass — when the four share a kv head (group >= 4),
-       each key row is used by all of them while it is in L1. q holds the H query heads,
+       each key row is used by all of them while it is in L1, three tokens at a time. q holds the H query heads,
        already multiplied by the scale. */
     FD_CLONES static void fd_tile_scores(
             const float *restrict q, const float *restrict keys, Py_ssize_t k_token_stride,
             Py_ssize_t k_head_stride, Py_ssize_t n, Py_ssize_t num_kv_heads, Py_ssize_t group,
             Py_ssize_t head_dim, float *restrict scores, Py_ssize_t tile) {
         Py_ssize_t num_heads = num_kv_heads * group;
-        float p[4], p2[4];
+        float p[4], p3[3][4];
         Py_ssize_t j = 0;
-        if (group % 4 == 0) {              /* whole blocks of four heads share a kv head: two tokens per pass */
-            for (; j + 2 <= n; j += 2) {
+        if (group % 4 == 0) {              /* whole blocks of four heads share a kv head: three tokens per pass */
+            for (; j + 3 <= n; j += 3) {
                 const float *token = keys + j * k_token_stride;
                 for (Py_ssize_t h = 0; h < num_kv_heads; h++)
-                    for (Py_ssize_t i = 0; i < head_dim; i += 16) {
-                        __builtin_prefetch(token + FD_AHEAD * k_token_stride + h * k_head_stride + i);
-                        __builtin_prefetch(token + (FD_AHEAD + 1) * k_token_stride + h * k_head_stride + i);
-                    }
+                    for (Py_ssize_t t = FD_AHEAD; t < FD_AHEAD + 3; t++)
+                        for (Py_ssize_t i = 0; i < head_dim; i += 16)
+                            __builtin_prefetch(token + t * k_token_stride + h * k_head_stride + i);
                 for (Py_ssize_t hq = 0; hq < num_heads; hq += 4) {
-                    const float *q0 = q + hq * head_dim, *ka = token + (hq / group) * k_head_stride;
-                    fd_dot4x2_shared(q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim, ka,
-                                     ka + k_token_stride, head_dim, p, p2);
-                    for (Py_ssize_t r = 0; r < 4; r++) {
-                        scores[(hq + r) * tile + j] = p[r];
-                        scores[(hq + r) * tile + j + 1] = p2[r];
-                    }
+                    const float *q0 = q + hq * head_dim;
+                    fd_dot4x3_shared(q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim,
+                                     token + (hq / group) * k_head_stride, k_token_stride, head_dim, p3);
+                    for (Py_ssize_t r = 0; r < 4; r++)
+                        for (Py_ssize_t c = 0; c < 3; c++) scores[(hq + r) * tile + j + c] = p3[c][r];
                 }
             }
         }
