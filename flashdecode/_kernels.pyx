@@ -66,7 +66,16 @@ cdef extern from *:
     #define fd_load8(p) (*(const fd_v8_u *) (p))   /* unaligned load */
     #define fd_store8(p, x) (*(fd_v8_u *) (p) = (x))   /* unaligned store */
 
-    /* The same for four heads sharing one key row: the key is loaded once per step. */
+    /* Lanes r and r + 4 of FD_TRANSPOSED_SUM4(a0, a1, a2, a3) hold the two halves of a_r's sum
+       (shuffles instead of a lane-by-lane reduction), in the same order as fd_dot4's. A macro, not
+       a function: a 32-byte vector argument would change the calling convention between clones. */
+    #define FD_TRANSPOSED_SUM4(a0, a1, a2, a3) ({ \
+        fd_v8 b01_ = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15); \
+        fd_v8 b23_ = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15); \
+        FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
+
+    /* Four dot products s[r] = q_r . k for four heads sharing one key row: the key is loaded
+       once per step, four independent chains, reduced together by FD_TRANSPOSED_SUM4. */
     FD_INLINE void fd_dot4_shared(const float *restrict q0, const float *restrict q1,
                                   const float *restrict q2, const float *restrict q3,
                                   const float *restrict k, Py_ssize_t n, float *restrict s) {
@@ -79,9 +88,7 @@ cdef extern from *:
             a2 += fd_load8(q2 + i) * x;
             a3 += fd_load8(q3 + i) * x;
         }
-        fd_v8 b01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 b23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 c = FD_SHUFFLE(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);
+        fd_v8 c = FD_TRANSPOSED_SUM4(a0, a1, a2, a3);
         float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
         for (; i < n; i++) {
             t0 += q0[i] * k[i]; t1 += q1[i] * k[i]; t2 += q2[i] * k[i]; t3 += q3[i] * k[i];
@@ -89,14 +96,6 @@ cdef extern from *:
         s[0] = (c[0] + c[4]) + t0; s[1] = (c[1] + c[5]) + t1;
         s[2] = (c[2] + c[6]) + t2; s[3] = (c[3] + c[7]) + t3;
     }
-
-    /* Lanes r and r + 4 of FD_TRANSPOSED_SUM4(a0, a1, a2, a3) hold the two halves of a_r's sum
-       (shuffles instead of a lane-by-lane reduction), in the same order as fd_dot4's. A macro, not
-       a function: a 32-byte vector argument would change the calling convention between clones. */
-    #define FD_TRANSPOSED_SUM4(a0, a1, a2, a3) ({ \
-        fd_v8 b01_ = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15); \
-        fd_v8 b23_ = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15); \
-        FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
 
     /* Twelve dot products: four heads sharing a kv head, against three consecutive key rows
        (s[c][r] = q_r . k_c, k_c = k + c * ks): seven loads per twelve multiply-adds, and the twelve
@@ -135,6 +134,7 @@ cdef extern from *:
         }
     }
 
+    /* The same for four heads with a key row each (heads of different kv heads). */
     FD_INLINE void fd_dot4(const float *restrict q0, const float *restrict q1,
                            const float *restrict q2, const float *restrict q3,
                            const float *k0, const float *k1, const float *k2, const float *k3,
@@ -147,9 +147,7 @@ cdef extern from *:
             a2 += fd_load8(q2 + i) * fd_load8(k2 + i);
             a3 += fd_load8(q3 + i) * fd_load8(k3 + i);
         }
-        fd_v8 b01 = FD_SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 b23 = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
-        fd_v8 c = FD_SHUFFLE(b01, b23, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01, b23, 2, 3, 10, 11, 6, 7, 14, 15);
+        fd_v8 c = FD_TRANSPOSED_SUM4(a0, a1, a2, a3);
         float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
         for (; i < n; i++) {
             t0 += q0[i] * k0[i]; t1 += q1[i] * k1[i]; t2 += q2[i] * k2[i]; t3 += q3[i] * k3[i];
