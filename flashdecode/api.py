@@ -58,12 +58,16 @@ def kv_row(k, v):
             v.__array_interface__["data"][0], v.strides[0] // 4, v.strides[1] // 4)
 
 
+def check_threads(name, value):
+    """A thread count as an int >= 1, capped: more threads than work items is useless, and OpenMP takes a C int."""
+    return min(check_count(name, value, 1), 1 << 16)
+
+
 def resolve_threads(num_threads):
     """None -> get_num_threads(): every thread OpenMP allows (OMP_NUM_THREADS and threadpoolctl are honoured)."""
     if num_threads is None:
         return get_num_threads()
-    # more threads than work items is useless, and OpenMP takes a C int
-    return min(check_count("num_threads", num_threads, 1), 1 << 16)
+    return check_threads("num_threads", num_threads)
 
 
 def launch(attend, q, rows, kv_lens, num_kv_heads, scale, num_threads, split_size=None):
@@ -147,7 +151,7 @@ def set_num_threads(n):
 
     This is omp_set_num_threads: the same limit OMP_NUM_THREADS and threadpoolctl set.
     """
-    n = min(check_count("n", n, 1), 1 << 16)   # OpenMP takes a C int
+    n = check_threads("n", n)
     previous = get_num_threads()
     _kernels.set_max_threads(n)
     return previous
