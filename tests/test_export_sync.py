@@ -12,12 +12,7 @@ spec.loader.exec_module(export)
 
 def out_of_sync(package: Path):
     """Names of generated files that differ between `package` and a fresh export of book/."""
-    files = export.render(ROOT / "book")
-    problems = [name for name, text in files.items()
-                if not (package / name).exists() or (package / name).read_text(encoding="utf-8") != text]
-    problems += [p.name for p in sorted(package.glob("*.py*"))
-                 if p.name not in files and p.suffix in (".py", ".pyx") and export.is_generated(p)]
-    return problems
+    return export.out_of_sync(export.render(ROOT / "book"), package)
 
 
 def test_package_matches_notebooks():
