@@ -14,8 +14,9 @@ package:
   Modules assembled this way take their cells in chapter order.
 
 Each generated file starts with a header naming its notebook(s), and each
-copied cell is preceded by a back-reference `# %% book/<nb>.ipynb, cell <n>`
-so a reader of the package can find the prose that explains the code.
+copied cell is preceded by a back-reference `# %% book/<nb>.ipynb #<cell id>` (nbdev's form)
+so a reader of the package can find the prose that explains the code. Cell ids, not positions:
+inserting a cell into a chapter does not rewrite the header of every later one.
 `tests/test_export_sync.py` regenerates the package into a temporary folder
 and fails when it differs from what is committed.
 """
@@ -42,10 +43,10 @@ def _header(notebooks: list[str]) -> str:
 
 
 def exported_cells(notebook_path: Path):
-    """Yield (target file name, cell number, code) for every exported cell of one notebook."""
+    """Yield (target file name, cell id, code) for every exported cell of one notebook."""
     nb = nbformat.read(notebook_path, as_version=4)
     module = None
-    for number, cell in enumerate(nb.cells):
+    for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         lines = cell.source.splitlines()
@@ -63,28 +64,28 @@ def exported_cells(notebook_path: Path):
             target = CYTHON_TARGET
         elif named:
             if not named.isidentifier():
-                raise ValueError(f"{notebook_path.name}: cell {number}: `{mark}` does not name a module")
+                raise ValueError(f"{notebook_path.name}: cell {cell.id}: `{mark}` does not name a module")
             target = f"{named}.py"
         elif module is None:
-            raise ValueError(f"{notebook_path.name}: exported cell {number} comes before a `{MODULE_MARK}` cell")
+            raise ValueError(f"{notebook_path.name}: exported cell {cell.id} comes before a `{MODULE_MARK}` cell")
         else:
             target = f"{module}.py"
         code = "\n".join(body[1:]).strip("\n")
-        yield target, number, code
+        yield target, cell.id, code
 
 
 def render(book: Path = BOOK) -> dict[str, str]:
     """Map each generated file name (inside flashdecode/) to its full text."""
     parts: dict[str, list[tuple[str, int, str]]] = {}
     for notebook_path in sorted(book.glob("[0-9][0-9]_*.ipynb")):
-        for target, number, code in exported_cells(notebook_path):
-            parts.setdefault(target, []).append((notebook_path.name, number, code))
+        for target, cell_id, code in exported_cells(notebook_path):
+            parts.setdefault(target, []).append((notebook_path.name, cell_id, code))
     files = {}
     for target, cells in parts.items():
         notebooks = list(dict.fromkeys(nb for nb, _, _ in cells))
         chunks = [_header(notebooks)]
-        for nb, number, code in cells:
-            chunks.append(f"\n# %% book/{nb}, cell {number}\n{code}\n")
+        for nb, cell_id, code in cells:
+            chunks.append(f"\n# %% book/{nb} #{cell_id}\n{code}\n")
         files[target] = "".join(chunks)
     return files
 

@@ -46,9 +46,11 @@ def test_back_references_point_at_real_cells():
     for name, text in export.render(ROOT / "book").items():
         for line in text.splitlines():
             if line.startswith("# %% book/"):
-                notebook, cell = line[len("# %% "):].split(", cell ")
+                notebook, cell_id = line[len("# %% "):].split(" #")
                 nb = nbformat.read(ROOT / notebook, as_version=4)
-                assert "#| export" in nb.cells[int(cell)].source or "#| default_exp" in nb.cells[int(cell)].source
+                cells = [cell for cell in nb.cells if cell.id == cell_id]
+                assert len(cells) == 1, f"{line}: no cell (or several) with that id"
+                assert "#| export" in cells[0].source or "#| default_exp" in cells[0].source
 
 
 def test_notebooks_carry_no_execution_timestamps():
