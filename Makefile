@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-KERNEL := flashdecode/_kernels.pyx
+KERNEL := flashdecode/_kernels.pyx $(wildcard flashdecode/*.h)
 BUILT  := $(VENV)/.built
 
 .PHONY: test lab build export run figures bench annotate clean
@@ -52,11 +52,11 @@ figures: $(BUILT)
 BENCH_ARGS ?=
 bench: $(BUILT)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m flashdecode.bench $(BENCH_ARGS)
+	$(PY) -m flashdecode.bench_report $(BENCH_ARGS)
 
 # Cython's annotated HTML: the hot loop should be white (no Python calls)
 annotate: $(STAMP)
-	$(VENV)/bin/cython -3 -a $(KERNEL) -o build/_kernels_annotated.c
+	$(VENV)/bin/cython -3 -a -I flashdecode flashdecode/_kernels.pyx -o build/_kernels_annotated.c
 	@echo "open build/_kernels_annotated.html"
 
 clean:

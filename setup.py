@@ -6,8 +6,9 @@ OpenMP when the compiler has it (falls back to one thread, e.g. Apple clang),
 inf/NaN handling and sets flush-to-zero for the whole process). `-fno-trapping-math`
 only tells the compiler that nobody traps on floating-point exceptions (clang's default
 already), so the vectorised exp's clamps become vector selects; inf and NaN are untouched.
-Without -march=native the kernel still uses AVX/FMA on CPUs that have them: its tile
-loops carry `target_clones` (chosen at load time), see book/05_compiled_kernel.ipynb.
+Without -march=native the kernel still uses AVX/FMA on CPUs that have them: its SIMD tile
+kernels (flashdecode/_simd.h) carry `target_clones` (chosen at load time), see
+book/06_to_the_roof.ipynb. FLASHDECODE_NO_CLONES=1 builds only their plain x86-64 (SSE2) version.
 """
 import os
 import shutil
@@ -44,10 +45,14 @@ else:
     print("flashdecode: building WITHOUT OpenMP (one thread per call)", file=sys.stderr)
 if os.environ.get("FLASHDECODE_NATIVE") == "1":
     compile_args.append("-march=native")
+macros = [("FD_NO_CLONES", "1")] if os.environ.get("FLASHDECODE_NO_CLONES") == "1" else []
 
 extension = Extension(
     "flashdecode._kernels",
     ["flashdecode/_kernels.pyx"],
+    include_dirs=["flashdecode"],                       # the C headers exported from the book
+    depends=["flashdecode/_openmp.h", "flashdecode/_simd.h"],
+    define_macros=macros,
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )

@@ -4,7 +4,7 @@ import pytest
 
 from flashdecode import attention_reference, flash_attention_forward
 from flashdecode.api import TILE
-from conftest import rel_err
+from conftest import BACKENDS, rel_err
 
 HEAD_DIMS = [1, 3, 64, 80, 128, 256]
 GROUPS = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -18,7 +18,7 @@ def random_qkv(rng, q_len, num_heads, kv_len, num_kv_heads, head_dim, spread=1.0
     return q, k, v
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", GROUPS)
 def test_matches_reference_decode(rng, backend, head_dim, group):
@@ -32,7 +32,7 @@ def test_matches_reference_decode(rng, backend, head_dim, group):
         assert rel_err(lse, ref_lse) < 1e-4, kv_len
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (3, 3), (5, 64), (17, 65), (64, 200), (1, 129)])
 @pytest.mark.parametrize("group", [1, 5, 7])
 def test_causal_bottom_right(rng, backend, q_len, kv_len, group):
@@ -45,7 +45,7 @@ def test_causal_bottom_right(rng, backend, q_len, kv_len, group):
     assert rel_err(out[-1:], last) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits(rng, backend):
     q, k, v = random_qkv(rng, 2, 4, 300, 2, 64, spread=200.0)   # scores in the thousands
     out, lse = flash_attention_forward(q, k, v, return_lse=True, backend=backend)

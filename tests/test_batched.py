@@ -6,7 +6,7 @@ from flashdecode import (BatchedKvView, KvCache, KvSlot, ListKvView, batched_fla
                          flash_attention_forward)
 from flashdecode.api import TILE
 from flashdecode.batching import batched_reference
-from conftest import random_view, rel_err
+from conftest import BACKENDS, random_view, rel_err
 
 
 def sin_data(n):
@@ -38,7 +38,7 @@ def test_batched_kv_view_basic():
         slots[0].position = 5          # KvSlot is frozen
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_flash_decode_matches_serial(backend):
     """The seed's `batched_flash_decode_matches_serial`."""
     num_heads, head_dim = 2, 8
@@ -57,7 +57,7 @@ def test_batched_flash_decode_matches_serial(backend):
         assert np.abs(out[b] - serial[0]).max() < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (5, 1), (14, 2), (32, 4), (16, 2)])
 @pytest.mark.parametrize("head_dim", [1, 3, 64, 80, 128, 256])
 def test_matches_reference(rng, backend, num_heads, num_kv_heads, head_dim):
@@ -96,10 +96,10 @@ def test_capacity_beyond_position_is_never_read(rng):
     for slot, n in enumerate([1, 64, 299, 0]):
         cache.append(slot, rng.standard_normal((n, 2, 16)), rng.standard_normal((n, 2, 16)))
     q_batch = rng.standard_normal((4, 6, 16)).astype(np.float32)
-    for backend in ("cython", "numpy"):
+    for backend in BACKENDS:
         for split_size in (None, 5):
             out = batched_flash_attention(q_batch, cache.view(range(4)), backend=backend,
-                                          split_size=split_size if backend == "cython" else None)
+                                          split_size=None if backend == "numpy" else split_size)
             assert np.isfinite(out).all()
             assert rel_err(out, batched_reference(q_batch, cache.view(range(4)))[0]) < 1e-4
 
@@ -180,7 +180,7 @@ def test_custom_view_protocol(rng):
     assert rel_err(out, batched_reference(q_batch, view)[0]) < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["float16", "float64", "fortran", "reversed", "gapped", "readonly", "mixed"])
 def test_odd_but_valid_slot_arrays(rng, backend, layout):
     lengths = [5, 0, 70, 1]

@@ -5,7 +5,7 @@ import pytest
 from flashdecode import AttentionError, KvCache, KvSlot, ListKvView, batched_flash_attention, flash_attention_forward
 from flashdecode import merge_states
 
-BACKENDS = ["cython", "numpy"]
+from conftest import BACKENDS
 f32 = lambda *shape: np.ones(shape, np.float32)
 
 

@@ -112,24 +112,24 @@ def covered(items, kv_lens):
 
 
 def test_auto_plan_splits_one_long_mqa_request():
-    items, merges = plan_work([65_536], num_kv_heads=1, num_threads=2)
+    items, merges = plan_work([65_536], num_threads=2)
     assert len(items) >= 4 and len(merges) == 1 and covered(items, [65_536])
     assert all(b - a >= MIN_SPLIT for _, a, b, _ in items)
 
 
 def test_auto_plan_does_not_split_a_uniform_batch():
-    items, merges = plan_work([2048] * 16, num_kv_heads=8, num_threads=2)
+    items, merges = plan_work([2048] * 16, num_threads=2)
     assert len(items) == 16 and len(merges) == 0 and (items[:, 3] == -1).all()
 
 
 def test_auto_plan_never_splits_on_one_thread():
-    items, merges = plan_work([65_536, 8, 100], num_kv_heads=1, num_threads=1)
+    items, merges = plan_work([65_536, 8, 100], num_threads=1)
     assert len(items) == 3 and len(merges) == 0
 
 
 def test_auto_plan_skewed_batch_balances_work():
     lengths = [8, 16_384, 64, 1024, 8192, 16, 4096, 512]
-    items, merges = plan_work(lengths, num_kv_heads=8, num_threads=2)
+    items, merges = plan_work(lengths, num_threads=2)
     assert covered(items, lengths)
     longest = max(b - a for _, a, b, _ in items)
     assert longest <= sum(lengths) / 4          # no item is a big share of the work

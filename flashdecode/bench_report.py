@@ -1,0 +1,300 @@
+"""The benchmark behind `make bench`: `python -m flashdecode.bench_report [--quick] [--out DIR] [--threads N]`.
+
+Hand-written, not exported from the book: this is the harness (torch's variants, the table, the CSV, the plot,
+the command line), which teaches nothing. What it measures and how — the scenarios, cold-cache timing in
+rotation, the read roof — is flashdecode.bench, born in book/06_to_the_roof.ipynb with the argument and this
+machine's results.
+"""
+import argparse
+import csv
+import gc
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from flashdecode.api import batched_flash_attention, get_num_threads
+from flashdecode.batching import batched_reference
+from flashdecode.bench import (ROOF_BYTES, CacheFlusher, Scenario, make_inputs, rel_err, scenarios, threaded,
+                               time_interleaved)
+
+
+def torch_variants(q, cache, lengths, num_threads):
+    """torch CPU scaled_dot_product_attention, prepared in torch's own layout (B, Hkv, L, D) outside the
+    timing: `padded` (one call on the batch padded to the longest slot, with a mask when ragged) and
+    `per-slot` (one call per slot on its own length). None when torch is not installed."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.set_num_threads(num_threads)
+    batch, longest = len(lengths), max(lengths)
+    k = torch.from_numpy(np.ascontiguousarray(cache.keys[:, :longest].transpose(0, 2, 1, 3)))
+    v = torch.from_numpy(np.ascontiguousarray(cache.values[:, :longest].transpose(0, 2, 1, 3)))
+    qt = torch.from_numpy(q).unsqueeze(2)                                  # (B, H, 1, D)
+    ragged = min(lengths) != longest
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :] if ragged else None
+
+    def padded():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+
+    def per_slot():
+        with torch.inference_mode():
+            return torch.cat([F.scaled_dot_product_attention(qt[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                             enable_gqa=True)[:, :, 0]
+                              for b, n in enumerate(lengths)])
+
+    return {"padded": padded, "per-slot": per_slot}
+
+
+def torch_version():
+    try:
+        import torch
+        return torch.__version__
+    except ImportError:
+        return None
+
+def run_scenario(scenario, num_threads, quick, flush, progress, roof_data):
+    """Time one scenario with every method, the roof in the same rotation; returns one result row (a dict)."""
+    q, cache = make_inputs(scenario)
+    view = cache.view(range(len(scenario.lengths)))
+    fast_reps, slow_reps = (5, 1) if quick else (11, 3)
+    row = {"scenario": scenario.name, "shape": scenario.shape, "kv_mib": scenario.kv_bytes / 2**20,
+           "threads": num_threads}
+
+    def step(label):
+        print(f"  {scenario.name}: {label}", file=progress, flush=True)
+
+    step("checking every method against the float64 reference")
+    ref = batched_reference(q, view)[0]
+    methods = {name: (lambda name=name: batched_flash_attention(q, view, backend=name, num_threads=num_threads))
+               for name in ("simd", "cython")}
+    variants = torch_variants(q, cache, scenario.lengths, num_threads) or {}
+    for name, fn in variants.items():
+        methods[f"torch_{name}"] = (lambda fn=fn: fn().numpy())
+    for name, fn in methods.items():
+        row[f"err_{name}"] = rel_err(fn(), ref)
+        assert row[f"err_{name}"] < 1e-4, (scenario.name, name, row[f"err_{name}"])
+    row["err"] = row["err_simd"]
+    roof = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
+    step(f"timing {', '.join(methods)} and the roof in rotation, {fast_reps} rounds")
+    timed = time_interleaved({**methods, "roof": roof}, fast_reps, flush)
+    row["roof_gbs"] = roof_data.nbytes / min(timed.pop("roof")[1]) / 1e9          # best of the rounds
+    row["flashdecode_s"], row["cython_s"] = timed["simd"][0], timed["cython"][0]
+    for name in variants:
+        row[f"torch_{name}_s"] = timed[f"torch_{name}"][0]
+    step(f"timing numpy naive (float64 reference) and numpy backend, {slow_reps} round(s)")
+    slow = time_interleaved({"naive": lambda: batched_reference(q, view),
+                             "numpy": lambda: batched_flash_attention(q, view, backend="numpy")}, slow_reps, flush)
+    row["naive_s"], row["numpy_s"] = slow["naive"][0], slow["numpy"][0]
+    if variants:
+        best = min(variants, key=lambda name: row[f"torch_{name}_s"])
+        row["torch_s"], row["torch_best"] = row[f"torch_{best}_s"], best
+    del q, cache, view, variants, methods
+    gc.collect()
+    row["flashdecode_gbs"] = scenario.kv_bytes / row["flashdecode_s"] / 1e9
+    row["roof_frac"] = row["flashdecode_gbs"] / row["roof_gbs"]
+    row["cython_roof_frac"] = scenario.kv_bytes / row["cython_s"] / 1e9 / row["roof_gbs"]
+    row["x_cython"] = row["cython_s"] / row["flashdecode_s"]
+    row["x_naive"] = row["naive_s"] / row["flashdecode_s"]
+    row["x_numpy"] = row["numpy_s"] / row["flashdecode_s"]
+    if "torch_s" in row:
+        row["torch_gbs"] = scenario.kv_bytes / row["torch_s"] / 1e9
+        row["x_torch"] = row["torch_s"] / row["flashdecode_s"]
+    return row
+
+
+def memory_per_call(lengths=(4096, 65536), num_heads=8, num_kv_heads=1, head_dim=128, num_threads=None):
+    """Extra memory of one call, for one request at each cache length: Python allocations at their peak
+    (tracemalloc) and the process's peak resident set growth (Linux: VmHWM after clearing it)."""
+    rows = []
+    for n in lengths:
+        q, cache = make_inputs(Scenario("mem", [n], num_heads, num_kv_heads, head_dim))
+        view = cache.view([0])
+        batched_flash_attention(q, view, num_threads=num_threads)          # warm up: code, thread pool
+        gc.collect()
+        rss_peak = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:                    # resets VmHWM to the current RSS
+                f.write("5")
+            rss_before = _status_kib("VmRSS")
+            tracemalloc.start()
+            batched_flash_attention(q, view, num_threads=num_threads)
+            traced_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            rss_peak = max(0, _status_kib("VmHWM") - rss_before)
+        except OSError:
+            tracemalloc.start()
+            batched_flash_attention(q, view, num_threads=num_threads)
+            traced_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        rows.append({"tokens": n, "cache_kib": (cache.keys.nbytes + cache.values.nbytes) / 1024,
+                     "traced_kib": traced_peak / 1024, "rss_kib": rss_peak})
+        del q, cache, view
+        gc.collect()
+    return rows
+
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)
+
+def python_threads_overlap(num_slots=8, length=4096, calls=10, rounds=3):
+    """(serial s, two-thread s): 2 x `calls` single-threaded decode steps, one Python thread vs two at once."""
+    q, cache = make_inputs(Scenario("threads", [length] * num_slots, 8, 8))
+    cache.keys.flags.writeable = cache.values.flags.writeable = False     # shared, read-only
+    view = cache.view(range(num_slots))
+
+    def work():
+        for _ in range(calls):
+            batched_flash_attention(q, view, num_threads=1)
+
+    work()                                                                    # warm up
+    serial, together = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        work()
+        serial.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        threaded([work, work])()
+        together.append(time.perf_counter() - start)
+    return min(serial), min(together)
+
+COLUMNS = [("scenario", "{:<8}"), ("shape", "{:<34}"), ("kv_mib", "{:>7.0f}"), ("cython_s", "{:>8.2f}"),
+           ("cython_roof_frac", "{:>5.0%}"), ("flashdecode_s", "{:>8.2f}"),
+           ("flashdecode_gbs", "{:>6.2f}"), ("roof_gbs", "{:>5.1f}"), ("roof_frac", "{:>5.0%}"), ("x_cython", "{:>5.1f}x"),
+           ("x_naive", "{:>6.0f}x"), ("x_numpy", "{:>5.0f}x"), ("torch_s", "{:>8.2f}"), ("torch_best", "{:<8}"),
+           ("x_torch", "{:>5.1f}x")]
+HEADERS = {"scenario": "scenario", "shape": "shape", "kv_mib": "KV MiB", "cython_s": "cython ms",
+           "cython_roof_frac": "%roof", "x_cython": "vs cy", "flashdecode_s": "simd ms",
+           "flashdecode_gbs": "GB/s", "roof_gbs": "roof", "roof_frac": "%roof", "x_naive": "vs naive",
+           "x_numpy": "vs np", "torch_s": "torch ms", "torch_best": "torch", "x_torch": "vs torch"}
+
+
+def format_table(rows):
+    """The results as a fixed-width text table (times in ms, GB/s = KV bytes read / time)."""
+    widths = {}
+    lines = []
+    cells = []
+    for row in rows:
+        line = []
+        for key, fmt in COLUMNS:
+            value = row.get(key)
+            if value is None:
+                text = "-"
+            elif key.endswith("_s"):
+                text = fmt.format(value * 1e3)
+            else:
+                text = fmt.format(value)
+            line.append(text)
+        cells.append(line)
+    for i, (key, _) in enumerate(COLUMNS):
+        widths[key] = max(len(HEADERS[key]), *(len(line[i]) for line in cells)) if cells else len(HEADERS[key])
+    lines.append("  ".join(HEADERS[key].rjust(widths[key]) for key, _ in COLUMNS))
+    for line in cells:
+        lines.append("  ".join(text.rjust(widths[key]) for (key, _), text in zip(COLUMNS, line)))
+    return "\n".join(lines)
+
+
+def save_csv(rows, path):
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, path=None):
+    """Bars of effective GB/s per scenario (flashdecode, torch's better SDPA, the numpy backend) under
+    each scenario's measured roof. Returns the matplotlib figure (saved to `path` when given)."""
+    import matplotlib
+    if path is not None and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [row["scenario"] for row in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    series = [("flashdecode, SIMD tile kernels", [row["flashdecode_gbs"] for row in rows], "tab:blue"),
+              ("flashdecode, plain Cython", [row["kv_mib"] * 2**20 / row["cython_s"] / 1e9 for row in rows],
+               "tab:cyan")]
+    if any("torch_gbs" in row for row in rows):
+        series.append(("torch SDPA (better variant)", [row.get("torch_gbs", 0) for row in rows], "tab:orange"))
+    series.append(("numpy backend", [row["kv_mib"] * 2**20 / row["numpy_s"] / 1e9 for row in rows], "tab:gray"))
+    width = 0.8 / len(series)
+    for i, (label, values, color) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label, color=color)
+    for i, row in enumerate(rows):
+        ax.plot([i - 0.45, i + 0.45], [row["roof_gbs"]] * 2, color="black", lw=1.5,
+                label="read roof (numpy sum)" if i == 0 else None)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("effective GB/s (KV bytes / time)")
+    ax.set_title(f"decode attention, {rows[0]['threads']} threads")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
+    """Run the scenarios (all, or those named) and return their result rows."""
+    num_threads = num_threads or get_num_threads()
+    chosen = [s for s in scenarios(quick) if names is None or s.name in names]
+    flush = CacheFlusher()
+    roof_data = np.ones(ROOF_BYTES // 4, np.float32)
+    rows = []
+    for i, scenario in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {scenario.name}: {scenario.shape} ({scenario.kv_bytes / 2**20:.0f} MiB of KV)",
+              file=progress, flush=True)
+        rows.append(run_scenario(scenario, num_threads, quick, flush, progress, roof_data))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m flashdecode.bench_report", description="flashdecode decode-attention benchmark")
+    parser.add_argument("--quick", action="store_true", help="caches a quarter the size, fewer repeats")
+    parser.add_argument("--out", default="bench-results", help="directory for results.csv and results.png")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: get_num_threads())")
+    parser.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
+    args = parser.parse_args(argv)
+    threads = args.threads or get_num_threads()
+    version = torch_version()
+    print(f"flashdecode bench: {threads} threads, {'quick' if args.quick else 'full'} run, "
+          f"torch {version if version else 'not installed (pip install torch==2.13.0; make bench does)'}",
+          file=sys.stderr)
+    rows = run(args.quick, threads, args.scenario)
+    print("memory per call ...", file=sys.stderr, flush=True)
+    memory = memory_per_call(num_threads=threads)
+    print("two Python threads ...", file=sys.stderr, flush=True)
+    serial, together = python_threads_overlap()
+    os.makedirs(args.out, exist_ok=True)
+    save_csv(rows, os.path.join(args.out, "results.csv"))
+    try:
+        plot(rows, os.path.join(args.out, "results.png"))
+        saved = "results.csv, results.png"
+    except ImportError:
+        saved = "results.csv (no matplotlib: no plot)"
+    print(format_table(rows))
+    print(f"cython ms / simd ms / torch ms: median wall time of one decode step with the plain and the SIMD tile kernels ({threads} threads, cold cache); GB/s: KV bytes "
+          "read / time; roof: numpy sum over 256 MiB on 1 and on N threads, best of the rounds, timed in rotation "
+          "with the kernels; vs X: X's time / the SIMD kernel's (the default); torch: the better of its padded and per-slot SDPA "
+          f"({'torch ' + version if version else 'torch not installed'}).")
+    for m in memory:
+        rss = "n/a" if m["rss_kib"] is None else f"{m['rss_kib']:.0f} KiB"
+        print(f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
+              f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}")
+    print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
+          f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
+    print(f"saved {saved} in {args.out}/", file=sys.stderr)
+    return rows, memory
+
+
+if __name__ == "__main__":
+    main()
