@@ -31,7 +31,7 @@ class BatchedKvView(Protocol):
 
 
 class ListKvView:
-    """A BatchedKvView over one key array and one value array per slot (the seed's VecBatchedKvView)."""
+    """A BatchedKvView over one key array and one value array per slot."""
 
     def __init__(self, slots, keys, values):
         self.slots, self.keys, self.values = list(slots), list(keys), list(values)
