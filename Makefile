@@ -42,11 +42,13 @@ run: $(BUILT)
 		--ExecutePreprocessor.store_widget_state=False $(NB)
 	$(PY) book/export.py --clean
 
-# the static frames the README shows (the notebooks store their own)
+# the static frames the README shows (the notebooks store their own): the explorer's trace at the tiles where
+# something happens (SoftmaxTrace.events: first, largest rescale, halfway, last)
 figures: $(BUILT)
-	$(PY) -c "from flashdecode.viz import SoftmaxExplorer, explorer_frames, figure_png; \
+	$(PY) -c "from flashdecode.trace import SoftmaxTrace, random_scores; \
+	from flashdecode.viz import explorer_frames, figure_png; \
 	open('book/figures/softmax_explorer_frames.png', 'wb').write(figure_png(explorer_frames( \
-	SoftmaxExplorer(cache_len=1000, tile_size=64, spread=3.0, seed=0), tiles=[1, 2, 8, 16]), colours=128))"
+	SoftmaxTrace(*random_scores(1000, spread=3.0, seed=0), tile_size=64)), colours=128))"
 
 # torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
 BENCH_ARGS ?=

@@ -9,9 +9,11 @@ package:
 * `%%cython` cells go to `flashdecode/_kernels.pyx` (nbdev cannot export
   Cython, nbdev issue 315, hence this small exporter);
 * a cell whose first line is `#| export <name>` goes to `flashdecode/<name>.py`
-  instead of the notebook's module: that is how one module (`viz`, the
-  widgets) grows across several chapters, each adding the part it explains.
-  Modules assembled this way take their cells in chapter order;
+  instead of the notebook's module: that is how a module grows across several
+  notebooks, each adding the part it explains (`checks`: chapters 03 and 04;
+  `trace`: 02 and 04; `viz`: appendix A1). Modules assembled this way take their
+  cells in book order: the chapters
+  (`book/NN_*.ipynb`) first, then the appendices (`book/AN_*.ipynb`);
 * `#| export <file>` with an extension names the file itself: the kernel's
   pieces (`_kernels.pyx`, C headers such as `_simd.h`) are cells of the form
   `%%kernel_source NAME` + `#| export <file>` (see book/booktools.py, which
@@ -40,6 +42,11 @@ CYTHON_TARGET = "_kernels.pyx"
 
 
 GENERATED_GLOBS = ("*.py", "*.pyx", "*.h")
+
+
+def book_notebooks(book: Path = BOOK) -> list[Path]:
+    """The book in reading order: chapters `NN_*.ipynb`, then appendices `AN_*.ipynb`."""
+    return sorted(book.glob("[0-9][0-9]_*.ipynb")) + sorted(book.glob("A[0-9]_*.ipynb"))
 
 
 def _comment(target: str) -> str:
@@ -90,7 +97,7 @@ def exported_cells(notebook_path: Path):
 def render(book: Path = BOOK) -> dict[str, str]:
     """Map each generated file name (inside flashdecode/) to its full text."""
     parts: dict[str, list[tuple[str, int, str]]] = {}
-    for notebook_path in sorted(book.glob("[0-9][0-9]_*.ipynb")):
+    for notebook_path in book_notebooks(book):
         for target, cell_id, code in exported_cells(notebook_path):
             parts.setdefault(target, []).append((notebook_path.name, cell_id, code))
     files = {}
@@ -143,7 +150,7 @@ def write(files: dict[str, str], package: Path = PACKAGE) -> list[str]:
 def clean(book: Path = BOOK) -> list[str]:
     """Drop per-cell execution timestamps (they change on every run and only make diffs noisy)."""
     cleaned = []
-    for notebook_path in sorted(book.glob("[0-9][0-9]_*.ipynb")):
+    for notebook_path in book_notebooks(book):
         nb = nbformat.read(notebook_path, as_version=4)
         dirty = [cell for cell in nb.cells if "execution" in cell.metadata]
         for cell in dirty:

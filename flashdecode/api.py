@@ -4,8 +4,9 @@
 import numpy as np
 
 from flashdecode import _kernels
-from flashdecode.batching import batched_flash_attention_numpy, check_batch, check_count
-from flashdecode.tiling import AttentionError, check_attention_inputs, check_scale, flash_attention_numpy
+from flashdecode.batching import batched_flash_attention_numpy
+from flashdecode.checks import AttentionError, check_attention_inputs, check_batch, check_count, check_scale
+from flashdecode.tiling import flash_attention_numpy
 
 MIN_SPLIT = 256   # keys: a shorter chunk costs more to merge than its parallelism gains
 TILE = 64         # keys per tile: H x 64 scores and the H x D accumulator stay in L1/L2

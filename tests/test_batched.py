@@ -1,4 +1,4 @@
-"""batched_flash_attention and the KV views: the seed's two tests, the reference, the cache."""
+"""batched_flash_attention and the KV views: oxillama's two tests (batched_attention.rs), the reference, the cache."""
 import numpy as np
 import pytest
 
@@ -14,7 +14,7 @@ def sin_data(n):
 
 
 def test_batched_kv_view_basic():
-    """The seed's `batched_kv_view_basic`."""
+    """oxillama's `batched_kv_view_basic` test."""
     num_heads, head_dim = 2, 4
     kv_dim = num_heads * head_dim
     positions = [3, 7, 1]
@@ -40,7 +40,7 @@ def test_batched_kv_view_basic():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_flash_decode_matches_serial(backend):
-    """The seed's `batched_flash_decode_matches_serial`."""
+    """oxillama's `batched_flash_decode_matches_serial` test."""
     num_heads, head_dim = 2, 8
     kv_dim = num_heads * head_dim
     i = lambda n: np.arange(n, dtype=np.float32)

@@ -60,7 +60,7 @@ def test_back_references_point_at_real_cells():
 def test_notebooks_carry_no_execution_timestamps():
     """Stored outputs yes (they are the tutorial), run timestamps no (`make run` / `export.py --clean`)."""
     import nbformat
-    for path in sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb")):
+    for path in export.book_notebooks(ROOT / "book"):
         nb = nbformat.read(path, as_version=4)
         stamped = [i for i, cell in enumerate(nb.cells) if "execution" in cell.metadata]
         assert not stamped, f"{path.name} cells {stamped}: run `python book/export.py --clean`"

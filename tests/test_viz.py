@@ -12,12 +12,10 @@ import pytest
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
-from flashdecode.batching import batch_work  # noqa: E402
 from flashdecode.naive import softmax_safe  # noqa: E402
 from flashdecode.online import finish_state, online_softmax_tiles  # noqa: E402
-from flashdecode.viz import (  # noqa: E402
-    RaggedBatchExplorer, SoftmaxExplorer, SoftmaxTrace, explorer_frames, ragged_frames, random_scores,
-)
+from flashdecode.trace import SoftmaxTrace, batch_work, random_scores  # noqa: E402
+from flashdecode.viz import RaggedBatchExplorer, SoftmaxExplorer, explorer_frames, ragged_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,3 +220,50 @@ def test_blitted_frames_look_like_a_full_redraw():
         change()
         explorer.tile.value = max(1, explorer.tile.value - 1) if explorer.tile.value > 1 else 2   # one more step
         assert differing_pixels() < 0.005
+
+
+def test_the_chapter_explorer_as_a_reader_drives_it():
+    """Chapter 03's explorer (1,000 keys, tiles of 64): every tile drawn is the online state, the last is exact,
+    logits that overflow a naive float32 exp are flagged and still exact, and a smaller tile means more steps."""
+    check = SoftmaxExplorer(cache_len=1000, tile_size=64, spread=3.0, seed=0, dpi=30)
+    _, _, reference = expected_states(1000, 3.0, 0, 64)
+    assert check.n_tiles == len(reference) == 16
+    for tile in range(1, check.n_tiles + 1):
+        check.tile.value = tile                                  # as the slider does
+        drawn_max, drawn_sum = drawn(check, "row_max"), drawn(check, "row_sum")
+        assert len(drawn_max) == tile and drawn_max[-1] == reference[tile - 1].row_max
+        assert drawn_sum[-1] == reference[tile - 1].row_sum
+        assert f"tile {tile} of 16" in check.readout.value
+    assert check.done and check.error < 1e-12 and "partial output == exact output" in check.readout.value
+    check.spread.value = 40.0                                   # logits up to about 130
+    check.tile.value = check.n_tiles
+    assert check.trace.scores.max() > 88.7 and "overflows float32" in check.readout.value
+    assert check.error < 1e-12
+    check.tile_size.value = 8
+    assert check.n_tiles == 125 and check.tile.max == 125
+
+
+def test_the_chapter_ragged_explorer_draws_what_batch_work_counts():
+    check = RaggedBatchExplorer(distribution="equal", num_slots=8, typical=100, tile_size=64, dpi=30)
+    assert check.work == {"padded": 800, "ragged": 800, "ragged_tiles": 1024}
+    for distribution in ["skewed", "uniform", "one long, many short"]:
+        check.distribution.value = distribution                  # as the dropdown does
+        lengths, work = check.lengths, check.work
+        keys = sum(np.ptp(p.vertices[:, 0]) for p in check.artists["tiles"].get_paths())
+        padding = sum(np.ptp(p.vertices[:, 0]) for p in check.artists["padding"].get_paths())
+        assert round(keys) == work["ragged"] == lengths.sum() and round(padding) == work["padded"] - work["ragged"]
+
+
+def test_static_frames_are_chosen_by_event():
+    """By default the frames are the trace's events: first tile, largest rescale, halfway, last — with the error
+    panel, each row saying which event it shows."""
+    trace = SoftmaxTrace(*random_scores(1000, 3.0, 0), 64)
+    events = trace.events()
+    rescale = trace.column("rescale")
+    assert events["first"] == 1 and events["last"] == 16 and events["halfway"] == 8
+    assert rescale[events["largest rescale"] - 1] == rescale[1:].min()
+    figure = explorer_frames(trace)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title().startswith("tile ")]
+    assert len(titles) == len(set(events.values()))
+    assert any(f"tile {events['largest rescale']} of 16 (largest rescale)" in t for t in titles)
+    assert sum(ax.get_title() == "max |partial − exact|" for ax in figure.axes) == len(titles)
