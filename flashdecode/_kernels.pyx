@@ -72,17 +72,19 @@ cdef void plain_tile_scores(const float *q, const float *keys, ptrdiff_t k_token
 cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const float *values,
                             ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
                             ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil:
-    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the n tokens of a tile."""
-    cdef ptrdiff_t j, h, hq, d
+    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the n tokens of a tile.
+
+    Heads in order, so the `group` heads sharing a value row use it one after the other, while it is in L1.
+    """
+    cdef ptrdiff_t j, hq, d
     cdef const float *value
     cdef float weight
     for j in range(n):
-        for h in range(num_kv_heads):
-            value = values + j * v_token_stride + h * v_head_stride
-            for hq in range(h * group, (h + 1) * group):
-                weight = weights[hq * ld + j]
-                for d in range(head_dim):
-                    acc[hq * head_dim + d] += weight * load_kv(value, d)
+        for hq in range(num_kv_heads * group):
+            value = values + j * v_token_stride + (hq // group) * v_head_stride
+            weight = weights[hq * ld + j]
+            for d in range(head_dim):
+                acc[hq * head_dim + d] += weight * load_kv(value, d)
 
 # %% book/05_compiled_kernel.ipynb #2114dd39
 cdef float plain_tile_max(const float *s, ptrdiff_t n) noexcept nogil:
@@ -145,9 +147,13 @@ add_kernel_set("cython", plain_tile_scores, plain_tile_max, plain_exp_sub, plain
 # %% book/05_compiled_kernel.ipynb #3e23438d
 # The `rows` table: where each query row's keys and values live, one line per row, in these columns.
 # Addresses and strides (in elements) let every slot's cache be read where it is, whatever array holds it.
+# A paged row (block_size > 0) keeps its tokens in blocks of a pool: token t is token t % block_size of
+# block table[t // block_size], and the block's first token is at addr + block * block_stride.
 cdef enum:
     K_ADDR, K_TOKEN_STRIDE, K_HEAD_STRIDE, V_ADDR, V_TOKEN_STRIDE, V_HEAD_STRIDE
-ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride")
+    BLOCK_SIZE, BLOCK_TABLE, K_BLOCK_STRIDE, V_BLOCK_STRIDE
+ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride",
+               "block_size", "block_table", "k_block_stride", "v_block_stride")
 
 
 cdef struct KvRun:
@@ -160,16 +166,24 @@ cdef struct KvRun:
 cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, KvRun *run) noexcept nogil:
     """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
 
-    Every tile kernel reads keys and values through a run. A row's cache is one array here, so the run is
-    the whole range; a paged cache ends a run at its block's end, and nothing else in the kernel changes.
+    Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
+    row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
     """
+    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0
+    cdef ptrdiff_t k_block_stride = 0, v_block_stride = 0
+    run.n = stop - start
+    if block_size > 0:           # a paged row: look the block up, stop at its end
+        block = (<const Py_ssize_t *> row[BLOCK_TABLE])[start // block_size]
+        offset = start % block_size
+        run.n = min(run.n, block_size - offset)
+        k_block_stride = row[K_BLOCK_STRIDE]
+        v_block_stride = row[V_BLOCK_STRIDE]
     run.k_token_stride = row[K_TOKEN_STRIDE]
     run.k_head_stride = row[K_HEAD_STRIDE]
     run.v_token_stride = row[V_TOKEN_STRIDE]
     run.v_head_stride = row[V_HEAD_STRIDE]
-    run.keys = (<const float *> row[K_ADDR]) + start * run.k_token_stride
-    run.values = (<const float *> row[V_ADDR]) + start * run.v_token_stride
-    run.n = stop - start
+    run.keys = (<const float *> row[K_ADDR]) + block * k_block_stride + offset * run.k_token_stride
+    run.values = (<const float *> row[V_ADDR]) + block * v_block_stride + offset * run.v_token_stride
 
 # %% book/05_compiled_kernel.ipynb #02a129fa
 cdef struct Scratch:             # one thread's working memory: O(H·(tile + D)), whatever the cache length

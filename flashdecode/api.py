@@ -53,9 +53,11 @@ def kernel_ready(x):
 
 
 def kv_row(k, v):
-    """The kernel's `rows` line for keys k and values v (L, Hkv, D): addresses, and strides in elements."""
+    """The kernel's `rows` line for keys k and values v (L, Hkv, D), each in one array: addresses and
+    strides in elements, and no blocks (the last four columns are for paged caches, chapter 07)."""
     return (k.__array_interface__["data"][0], k.strides[0] // k.itemsize, k.strides[1] // k.itemsize,
-            v.__array_interface__["data"][0], v.strides[0] // v.itemsize, v.strides[1] // v.itemsize)
+            v.__array_interface__["data"][0], v.strides[0] // v.itemsize, v.strides[1] // v.itemsize,
+            0, 0, 0, 0)
 
 
 def check_threads(name, value):

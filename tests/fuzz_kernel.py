@@ -100,32 +100,36 @@ def judge(call, reference):
     outcomes["answer"] += 1
 
 
+backends = st.sampled_from(["simd", "cython"])          # both compiled tile-kernel sets
+
+
 @FUZZ
-@given(arrays(), views, scales, threads, splits)
-def fuzz_batched(q_batch, view, scale, num_threads, split_size):
+@given(arrays(), views, scales, threads, splits, backends)
+def fuzz_batched(q_batch, view, scale, num_threads, split_size, backend):
     judge(lambda: batched_flash_attention(q_batch, view, scale, return_lse=True, num_threads=num_threads,
-                                          split_size=split_size),
+                                          split_size=split_size, backend=backend),
           lambda: batched_reference(q_batch, view, scale))
 
 
 @FUZZ
-@given(arrays(), arrays(), arrays(), scales, st.booleans(), threads, splits)
-def fuzz_forward(q, k, v, scale, causal, num_threads, split_size):
+@given(arrays(), arrays(), arrays(), scales, st.booleans(), threads, splits, backends)
+def fuzz_forward(q, k, v, scale, causal, num_threads, split_size, backend):
     judge(lambda: flash_attention_forward(q, k, v, scale, causal, return_lse=True, num_threads=num_threads,
-                                          split_size=split_size),
+                                          split_size=split_size, backend=backend),
           lambda: attention_reference(q, k, v, scale, causal))
 
 
 @FUZZ
-@given(st.integers(1, 5), st.lists(st.integers(0, 40), min_size=1, max_size=5), st.integers(0, 40), threads, splits)
-def fuzz_valid_views(num_kv_heads, lengths, spare, num_threads, split_size):
+@given(st.integers(1, 5), st.lists(st.integers(0, 40), min_size=1, max_size=5), st.integers(0, 40), threads, splits,
+       backends)
+def fuzz_valid_views(num_kv_heads, lengths, spare, num_threads, split_size, backend):
     """Well-formed ragged batches (so the fuzz also reaches the kernel, not just the checks)."""
     rng = np.random.default_rng(sum(lengths) + spare)
     keys = [rng.standard_normal((n + spare, num_kv_heads, 8)).astype(np.float32)[::-1] for n in lengths]
     view = ListKvView([KvSlot(b, b, n) for b, n in enumerate(lengths)], keys, [k[:, :, ::-1] for k in keys])
     q_batch = rng.standard_normal((len(lengths), 2 * num_kv_heads, 8))
     judge(lambda: batched_flash_attention(q_batch, view, return_lse=True, num_threads=num_threads,
-                                          split_size=split_size),
+                                          split_size=split_size, backend=backend),
           lambda: batched_reference(q_batch, view))
 
 

@@ -33,11 +33,12 @@ def ragged_batches(draw):
 
 
 @PROPERTY
-@given(ragged_batches(), st.one_of(st.none(), st.integers(1, 400)), st.integers(1, 3))
-def test_batched_matches_reference(batch, split_size, num_threads):
+@given(ragged_batches(), st.one_of(st.none(), st.integers(1, 400)), st.integers(1, 3),
+       st.sampled_from(["simd", "cython"]))
+def test_batched_matches_reference(batch, split_size, num_threads, backend):
     q_batch, view, scale = batch
     out, lse = batched_flash_attention(q_batch, view, scale, return_lse=True, split_size=split_size,
-                                       num_threads=num_threads)
+                                       num_threads=num_threads, backend=backend)
     ref, ref_lse = batched_reference(q_batch, view, scale)
     assert rel_err(out, ref) < 1e-4
     assert rel_err(lse, ref_lse) < 1e-4
