@@ -6,7 +6,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport INFINITY, expf, logf
+from libc.math cimport INFINITY, expf, fabsf, logf, tanhf
 from libc.stddef cimport ptrdiff_t
 from libc.string cimport memset
 
@@ -185,6 +185,37 @@ cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop
     run.keys = (<const float *> row[K_ADDR]) + block * k_block_stride + offset * run.k_token_stride
     run.values = (<const float *> row[V_ADDR]) + block * v_block_stride + offset * run.v_token_stride
 
+# %% book/05_compiled_kernel.ipynb #41bd45a3
+cdef struct Variants:            # what real models add to plain softmax attention (chapter 09)
+    float softcap                # > 0: a score s becomes softcap * tanh(s / softcap)
+    const float *alibi_slopes    # (H,) or NULL: head h's score for key j gets - slope[h] * |p - j|
+    const float *sinks           # (H,) or NULL: exp(sink[h]) joins head h's softmax denominator
+
+
+cdef inline void adjust_scores(const Variants *variants, float *scores, ptrdiff_t n, ptrdiff_t hq,
+                               ptrdiff_t first_key, ptrdiff_t q_position) noexcept nogil:
+    """Soft-cap, then ALiBi, on head hq's scores for the keys first_key.. of a query at q_position."""
+    cdef ptrdiff_t j
+    if variants.softcap > 0:
+        for j in range(n):
+            scores[j] = variants.softcap * tanhf(scores[j] / variants.softcap)
+    if variants.alibi_slopes != NULL:
+        for j in range(n):
+            scores[j] = scores[j] - variants.alibi_slopes[hq] * fabsf(<float> (q_position - first_key - j))
+
+
+cdef inline void add_sinks(const Variants *variants, float *out, float *lse, ptrdiff_t num_heads,
+                           ptrdiff_t head_dim) noexcept nogil:
+    """Join each head's sink to a finished row, once: lse' = log(e^lse + e^sink), out *= e^(lse - lse')."""
+    cdef ptrdiff_t hq, d
+    cdef float top, total
+    for hq in range(num_heads):
+        top = lse[hq] if lse[hq] > variants.sinks[hq] else variants.sinks[hq]   # NaN goes on to the sum
+        total = top + logf(expf(lse[hq] - top) + expf(variants.sinks[hq] - top))
+        for d in range(head_dim):
+            out[hq * head_dim + d] *= expf(lse[hq] - total)
+        lse[hq] = total
+
 # %% book/05_compiled_kernel.ipynb #02a129fa
 cdef struct Scratch:             # one thread's working memory: O(H·(tile + D)), whatever the cache length
     float *scores                # (H, tile): a tile's scores, then its weights
@@ -208,14 +239,16 @@ cdef inline Scratch carve_scratch(float *base, ptrdiff_t num_heads, ptrdiff_t he
     return s
 
 
-cdef inline void softmax_tile(const TileKernels *kernels, Scratch *s, ptrdiff_t n, ptrdiff_t tile,
-                              ptrdiff_t num_heads, ptrdiff_t head_dim) noexcept nogil:
+cdef inline void softmax_tile(const TileKernels *kernels, const Variants *variants, Scratch *s, ptrdiff_t n,
+                              ptrdiff_t tile, ptrdiff_t num_heads, ptrdiff_t head_dim, ptrdiff_t first_key,
+                              ptrdiff_t q_position) noexcept nogil:
     """Chapter 02's online step for one tile of scores: new max, rescale once, weights over the scores."""
     cdef ptrdiff_t hq, d
     cdef float *scores
     cdef float new_max, rescale
     for hq in range(num_heads):
         scores = s.scores + hq * tile
+        adjust_scores(variants, scores, n, hq, first_key, q_position)
         new_max = kernels.tile_max(scores, n)
         if s.row_max[hq] > new_max or s.row_max[hq] != s.row_max[hq]:   # a NaN poisons the row for good
             new_max = s.row_max[hq]
@@ -230,10 +263,10 @@ cdef inline void softmax_tile(const TileKernels *kernels, Scratch *s, ptrdiff_t 
                 s.acc[hq * head_dim + d] *= rescale
 
 # %% book/05_compiled_kernel.ipynb #7e0e87c9
-cdef void attend_range(const TileKernels *kernels, const float *q, const Py_ssize_t *row,
-                       ptrdiff_t start, ptrdiff_t stop, ptrdiff_t num_kv_heads, ptrdiff_t group,
-                       ptrdiff_t head_dim, ptrdiff_t tile, float scale, Scratch *s,
-                       float *out, float *lse) noexcept nogil:
+cdef void attend_range(const TileKernels *kernels, const Variants *variants, const float *q,
+                       ptrdiff_t q_position, const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop,
+                       ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim, ptrdiff_t tile, float scale,
+                       Scratch *s, float *out, float *lse) noexcept nogil:
     """Attention of one query row (all H heads) over its keys [start, stop), tile by tile.
 
     Writes out (H, D) = acc / row_sum and lse (H,) = row_max + log(row_sum); a row that saw no key gets
@@ -257,7 +290,7 @@ cdef void attend_range(const TileKernels *kernels, const float *q, const Py_ssiz
             kernels.tile_scores(s.q_scaled, run.keys, run.k_token_stride, run.k_head_stride, run.n,
                                 num_kv_heads, group, head_dim, s.scores + j, tile)
             j = j + run.n
-        softmax_tile(kernels, s, n, tile, num_heads, head_dim)
+        softmax_tile(kernels, variants, s, n, tile, num_heads, head_dim, t0, q_position)
         j = 0
         while j < n:                      # acc += weights · V, run by run
             find_run(row, t0 + j, t0 + n, &run)
@@ -311,21 +344,33 @@ MERGE_COLUMNS = ("row", "first_part", "parts")
 
 def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssize_t[:, ::1] items,
            const Py_ssize_t[:, ::1] merges, Py_ssize_t num_kv_heads, float scale, Py_ssize_t tile,
-           int num_threads, str kernels="cython"):
-    """Run a work plan and return (out (N, H, D), lse (N, H)), float32, with the named tile-kernel set.
+           int num_threads, str kernels="cython", const Py_ssize_t[::1] q_positions=None, float softcap=0.0,
+           const float[::1] alibi_slopes=None, const float[::1] sinks=None):
+    """Run a work plan and return (out (N, H, D), lse (N, H)), float32, with the named tile-kernel set
+    and the variants of chapter 09 (q_positions (N,): each row's query position, for ALiBi).
 
     The caller (the api module) guarantees that every address in `rows` points at a live float32 array
     holding the keys [start, stop) of every item: this function checks nothing about them.
     """
     cdef const TileKernels *chosen = &kernel_sets[KERNEL_SETS[kernels]]
-    cdef ptrdiff_t num_heads = q.shape[1], head_dim = q.shape[2], group = num_heads // num_kv_heads
-    cdef ptrdiff_t n_items = items.shape[0], n_merges = merges.shape[0], i, m, r, part, tid = 0
+    cdef ptrdiff_t num_rows = q.shape[0], num_heads = q.shape[1], head_dim = q.shape[2]
+    cdef ptrdiff_t group = num_heads // num_kv_heads, n_items = items.shape[0], n_merges = merges.shape[0]
     cdef ptrdiff_t n_parts = max([items[i, ITEM_PART] + 1 for i in range(n_items)], default=0)
-    out_array = np.zeros((q.shape[0], num_heads, head_dim), np.float32)
-    lse_array = np.full((q.shape[0], num_heads), -np.inf, np.float32)
+    cdef ptrdiff_t i, m, r, part, row_index, tid = 0
+    cdef Variants variants
+    cdef const Py_ssize_t *positions = NULL
+    variants.softcap, variants.alibi_slopes, variants.sinks = softcap, NULL, NULL
+    if alibi_slopes is not None:
+        variants.alibi_slopes = &alibi_slopes[0]
+    if sinks is not None:
+        variants.sinks = &sinks[0]
+    if q_positions is not None and q_positions.shape[0]:
+        positions = &q_positions[0]
+    out_array = np.zeros((num_rows, num_heads, head_dim), np.float32)
+    lse_array = np.full((num_rows, num_heads), -np.inf, np.float32)
     part_out_array = np.empty((n_parts, num_heads, head_dim), np.float32)
     part_lse_array = np.empty((n_parts, num_heads), np.float32)
-    num_threads = max(1, min(num_threads, max(n_items, n_merges)))   # never more threads than work
+    num_threads = max(1, min(num_threads, max(n_items, n_merges, num_rows)))   # never more threads than work
     scratch_array = np.empty((num_threads, scratch_floats(num_heads, head_dim, tile)), np.float32)
     cdef float[:, :, ::1] out = out_array, part_out = part_out_array
     cdef float[:, ::1] lse = lse_array, part_lse = part_lse_array, scratch = scratch_array
@@ -338,14 +383,17 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
         for i in prange(n_items, schedule="dynamic"):          # items come longest first
             r = items[i, ITEM_ROW]
             part = items[i, ITEM_PART]
-            attend_range(chosen, &q[r, 0, 0], &rows[r, 0], items[i, ITEM_START], items[i, ITEM_STOP],
-                         num_kv_heads, group, head_dim, tile, scale, &s,
+            attend_range(chosen, &variants, &q[r, 0, 0], 0 if positions == NULL else positions[r], &rows[r, 0],
+                         items[i, ITEM_START], items[i, ITEM_STOP], num_kv_heads, group, head_dim, tile, scale, &s,
                          &out[r, 0, 0] if part < 0 else &part_out[part, 0, 0],
                          &lse[r, 0] if part < 0 else &part_lse[part, 0])
         for m in prange(n_merges, schedule="static"):          # after the barrier: merge split rows
             merge_parts(&part_out[merges[m, MERGE_FIRST_PART], 0, 0], &part_lse[merges[m, MERGE_FIRST_PART], 0],
                         merges[m, MERGE_PARTS], num_heads, head_dim,
                         &out[merges[m, MERGE_ROW], 0, 0], &lse[merges[m, MERGE_ROW], 0])
+        if variants.sinks != NULL:                             # then each finished row's sinks, once
+            for row_index in prange(num_rows, schedule="static"):
+                add_sinks(&variants, &out[row_index, 0, 0], &lse[row_index, 0], num_heads, head_dim)
     return out_array, lse_array
 
 # %% book/05_compiled_kernel.ipynb #7c220a12

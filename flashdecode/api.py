@@ -5,7 +5,8 @@ import numpy as np
 
 from flashdecode import _kernels
 from flashdecode.batching import batched_flash_attention_numpy
-from flashdecode.checks import AttentionError, check_attention_inputs, check_batch, check_count, check_scale
+from flashdecode.checks import (AttentionError, check_attention_inputs, check_batch, check_count, check_query_lens,
+                               check_scale, check_variants)
 from flashdecode.tiling import flash_attention_numpy
 
 MIN_SPLIT = 256   # keys: a shorter chunk costs more to merge than its parallelism gains
@@ -16,24 +17,27 @@ ITEM_COLUMNS = ("row", "start", "stop", "part")    # a work item: one row's keys
 MERGE_COLUMNS = ("row", "first_part", "parts")     # a merge: the row whose parts first_part.. are combined
 
 
-def plan_work(kv_lens, num_threads, split_size=None):
+def plan_work(kv_lens, num_threads, split_size=None, kv_starts=None):
     """Split a batch into work items for the kernel.
 
-    kv_lens (N,): keys each query row reads. Every row is one item (all its heads), except that a row
-    longer than `split_size` keys is cut into chunks of at most `split_size`, computed separately and
-    merged. split_size=None picks it from the lengths and threads: about four chunks of equal work per
-    thread, never shorter than MIN_SPLIT keys, no split on one thread. Returns (items (n, 4) with
-    ITEM_COLUMNS, merges (m, 3) with MERGE_COLUMNS), items ordered longest first.
+    Row r reads the keys [kv_starts[r], kv_lens[r]) (kv_starts: zeros by default; a sliding window starts
+    later). Every row is one item (all its heads), except that a row longer than `split_size` keys is cut
+    into chunks of at most `split_size`, computed separately and merged. split_size=None picks it from the
+    lengths and threads: about four chunks of equal work per thread, never shorter than MIN_SPLIT keys, no
+    split on one thread. Returns (items (n, 4) with ITEM_COLUMNS, merges (m, 3) with MERGE_COLUMNS), items
+    ordered longest first.
     """
     kv_lens = np.asarray(kv_lens, dtype=np.intp)
+    kv_starts = np.zeros_like(kv_lens) if kv_starts is None else np.asarray(kv_starts, dtype=np.intp)
+    lengths = kv_lens - kv_starts
     if split_size is None:
-        total = int(kv_lens.sum())
+        total = int(lengths.sum())
         split_size = max(MIN_SPLIT, -(-total // (4 * num_threads))) if num_threads > 1 else max(1, total)
     split_size = check_count("split_size", split_size, 1)
-    chunks = -(-kv_lens // split_size)                                  # (N,) 0 for an empty row
+    chunks = -(-lengths // split_size)                                 # (N,) 0 for a row with no keys
     row = np.repeat(np.arange(len(kv_lens), dtype=np.intp), chunks)
     first_item = np.cumsum(chunks) - chunks
-    start = (np.arange(len(row), dtype=np.intp) - first_item[row]) * split_size
+    start = kv_starts[row] + (np.arange(len(row), dtype=np.intp) - first_item[row]) * split_size
     stop = np.minimum(start + split_size, kv_lens[row])
     is_part = chunks[row] > 1
     part = np.where(is_part, np.cumsum(is_part) - 1, -1)
@@ -72,11 +76,14 @@ def resolve_threads(num_threads):
     return check_threads("num_threads", num_threads)
 
 
-def launch(kernel, q, rows, kv_lens, num_kv_heads, scale, num_threads, split_size=None, kernels="cython"):
-    """Plan the work and run it on a compiled kernel module with the named tile kernels. Returns (out, lse)."""
-    items, merges = plan_work(kv_lens, num_threads, split_size)
-    return kernel.attend(np.ascontiguousarray(q, dtype=np.float32), rows, items, merges,
-                         num_kv_heads, scale, TILE, num_threads, kernels)
+def launch(kernel, q, rows, kv_lens, num_kv_heads, scale, num_threads, split_size=None, kernels="cython",
+           kv_starts=None, q_positions=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Plan the work and run it on a compiled kernel module with the named tile kernels. Row r reads keys
+    [kv_starts[r], kv_lens[r]); the last four arguments are chapter 09's variants. Returns (out, lse)."""
+    items, merges = plan_work(kv_lens, num_threads, split_size, kv_starts)
+    positions = None if q_positions is None else np.ascontiguousarray(q_positions, dtype=np.intp)
+    return kernel.attend(np.ascontiguousarray(q, dtype=np.float32), rows, items, merges, num_kv_heads, scale,
+                         TILE, num_threads, kernels, positions, softcap or 0.0, alibi_slopes, sinks)
 
 # %% book/05_compiled_kernel.ipynb #dae0b098
 BACKENDS = ("auto", "simd", "cython", "numpy")
@@ -93,55 +100,91 @@ def resolve_backend(backend):
     return backend
 
 
-def flash_attention_forward(q, k, v, softmax_scale=None, causal=False, *, return_lse=False,
-                            backend="auto", num_threads=None, split_size=None):
+def visible_ranges(q_positions, kv_len, masked, window_left):
+    """Each query row's keys [start, stop): every key, or up to its own position when masked (causal), and
+    no further back than window_left keys — keys outside are never read."""
+    q_positions = np.asarray(q_positions, dtype=np.intp)
+    stops = q_positions + 1 if masked else np.full_like(q_positions, kv_len)
+    starts = np.zeros_like(q_positions) if window_left is None else np.maximum(q_positions - window_left, 0)
+    return np.maximum(stops, 0), np.minimum(starts, np.maximum(stops, 0))
+
+
+def flash_attention_forward(q, k, v, softmax_scale=None, causal=False, *, return_lse=False, backend="auto",
+                            num_threads=None, split_size=None, window_left=None, softcap=None,
+                            alibi_slopes=None, sinks=None):
     """Flash attention forward: softmax(q·kᵀ·scale)·v without materialising the scores.
 
     q (Lq, H, D); k, v (Lkv, Hkv, D) with H % Hkv == 0 (GQA / MQA). Any real float dtype, any strides;
     computed in float32. Returns out (Lq, H, D) float32, and lse (Lq, H) (natural log of each row's
     softmax denominator) when return_lse. softmax_scale defaults to 1/sqrt(D). causal is bottom-right
-    aligned: row i sees keys j <= i + Lkv - Lq (Lq > Lkv is an error). backend: "auto" (the fastest
-    compiled tile kernels), "simd", "cython" (the plain ones) or "numpy". num_threads: None for all
-    OpenMP threads. split_size: keys per split of a long cache (None: automatic).
-    Raises AttentionError for any malformed call.
+    aligned: row i sits at position p = i + Lkv - Lq and sees keys j <= p (Lq > Lkv is an error).
+    backend: "auto" (the fastest compiled tile kernels), "simd", "cython" (the plain ones) or "numpy".
+    num_threads: None for all OpenMP threads. split_size: keys per split of a long cache (None: automatic).
+    Variants (chapter 09): window_left (keys p - window_left <= j <= p; implies causal), softcap (scores
+    become softcap·tanh(score/softcap)), alibi_slopes (H,) (score - slope·|p - j|), sinks (H,) (a logit
+    per head joining the denominator). Raises AttentionError for any malformed call.
     """
     backend = resolve_backend(backend)
+    variants = dict(window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if backend == "numpy":
-        return flash_attention_numpy(q, k, v, softmax_scale, causal, return_lse=return_lse)
-    q, k, v, scale = check_attention_inputs(q, k, v, softmax_scale, causal)
+        return flash_attention_numpy(q, k, v, softmax_scale, causal, return_lse=return_lse, **variants)
+    masked = causal or window_left is not None
+    q, k, v, scale = check_attention_inputs(q, k, v, softmax_scale, masked)
+    window_left, softcap, alibi_slopes, sinks = check_variants(q.shape[1], **variants)
     num_threads = resolve_threads(num_threads)
     q_len, kv_len = q.shape[0], k.shape[0]
     k, v = kernel_ready(k), kernel_ready(v)
     rows = np.tile(np.array(kv_row(k, v), np.intp), (q_len, 1))
-    kv_lens = np.arange(1, q_len + 1) + (kv_len - q_len) if causal else np.full(q_len, kv_len)
-    out, lse = launch(_kernels, q, rows, kv_lens, k.shape[1], scale, num_threads, split_size, backend)
+    q_positions = np.arange(q_len) + (kv_len - q_len)
+    kv_lens, kv_starts = visible_ranges(q_positions, kv_len, masked, window_left)
+    out, lse = launch(_kernels, q, rows, kv_lens, k.shape[1], scale, num_threads, split_size, backend,
+                      kv_starts, q_positions, softcap, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
+# %% book/05_compiled_kernel.ipynb #09324261
+def batch_rows(slots, counts):
+    """The kernel's rows for a batch: slot b contributes counts[b] query rows, its last tokens. Returns
+    (rows table, each row's query position, the converted arrays to keep alive, Hkv)."""
+    slot_rows = np.zeros((len(slots), len(_kernels.ROW_COLUMNS)), np.intp)
+    num_kv_heads, alive = 1, []                    # `alive` keeps converted arrays until the kernel returns
+    for b, (position, k, v) in enumerate(slots):
+        if position:
+            k, v = kernel_ready(k[:position]), kernel_ready(v[:position])
+            alive += (k, v)
+            slot_rows[b], num_kv_heads = kv_row(k, v), k.shape[1]
+    slot_of_row = np.repeat(np.arange(len(slots)), counts)
+    row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
+    positions = np.array([position for position, _, _ in slots], np.intp)
+    q_positions = positions[slot_of_row] - counts[slot_of_row] + row_in_slot
+    return slot_rows[slot_of_row], q_positions, alive, num_kv_heads
 
-def batched_flash_attention(q_batch, kv_view, softmax_scale=None, *, return_lse=False,
-                            backend="auto", num_threads=None, split_size=None):
+
+def batched_flash_attention(q_batch, kv_view, softmax_scale=None, *, return_lse=False, backend="auto",
+                            num_threads=None, split_size=None, window_left=None, softcap=None,
+                            alibi_slopes=None, sinks=None, query_lens=None):
     """Decode attention for a ragged batch: slot b's query attends its first position(b) tokens.
 
     q_batch (B, H, D); kv_view a BatchedKvView with slot_count() == B whose kv_for_slot(b) returns
     keys and values (>= position(b), Hkv, D). Tokens beyond the position are never read. Returns
     out (B, H, D) float32, and lse (B, H) when return_lse; a slot at position 0 gives zeros and lse
-    -inf. Other arguments as flash_attention_forward.
+    -inf. query_lens (one int per slot): q_batch then has sum(query_lens) rows, slot by slot, the
+    queries of each slot's last query_lens[b] tokens, causal within the slot. Other arguments as
+    flash_attention_forward.
     """
     backend = resolve_backend(backend)
+    variants = dict(window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if backend == "numpy":
-        return batched_flash_attention_numpy(q_batch, kv_view, softmax_scale, return_lse=return_lse)
-    q_batch, slots = check_batch(q_batch, kv_view)
+        return batched_flash_attention_numpy(q_batch, kv_view, softmax_scale, return_lse=return_lse,
+                                             query_lens=query_lens, **variants)
+    q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot=query_lens is None)
+    counts = check_query_lens(query_lens, [position for position, _, _ in slots], len(q_batch))
     scale = check_scale(softmax_scale, q_batch.shape[2])
+    window_left, softcap, alibi_slopes, sinks = check_variants(q_batch.shape[1], **variants)
     num_threads = resolve_threads(num_threads)
-    rows = np.zeros((len(slots), len(_kernels.ROW_COLUMNS)), np.intp)
-    kv_lens = np.zeros(len(slots), np.intp)
-    num_kv_heads, alive = 1, []          # `alive` keeps converted arrays until the kernel returns
-    for b, (position, k, v) in enumerate(slots):
-        if position:
-            k, v = kernel_ready(k[:position]), kernel_ready(v[:position])
-            alive += (k, v)
-            rows[b], kv_lens[b], num_kv_heads = kv_row(k, v), position, k.shape[1]
-    out, lse = launch(_kernels, q_batch, rows, kv_lens, num_kv_heads, scale, num_threads, split_size, backend)
+    rows, q_positions, alive, num_kv_heads = batch_rows(slots, counts)
+    kv_lens, kv_starts = visible_ranges(q_positions, None, True, window_left)
+    out, lse = launch(_kernels, q_batch, rows, kv_lens, num_kv_heads, scale, num_threads, split_size, backend,
+                      kv_starts, q_positions, softcap, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 # %% book/05_compiled_kernel.ipynb #ce7b7269

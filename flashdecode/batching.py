@@ -6,9 +6,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from flashdecode.checks import AttentionError, as_float_array, check_batch, check_count, check_scale
+from flashdecode.checks import (AttentionError, as_float_array, check_batch, check_count, check_query_lens,
+                               check_scale, check_variants)
 from flashdecode.naive import attention_reference
 from flashdecode.tiling import flash_attention_numpy
+from flashdecode.variants import add_sinks
 
 # %% book/04_ragged_batching.ipynb #555af922
 @dataclass(frozen=True)
@@ -120,17 +122,27 @@ class KvCacheView:
         return self.cache.keys[index], self.cache.values[index]
 
 # %% book/04_ragged_batching.ipynb #d283ea15
-def batched_flash_attention_numpy(q_batch, kv_view, softmax_scale=None, *, return_lse=False, tile_size=64):
-    """Decode attention for a ragged batch with the numpy backend: one flash call per slot."""
-    q_batch, slots = check_batch(q_batch, kv_view)
+def batched_flash_attention_numpy(q_batch, kv_view, softmax_scale=None, *, return_lse=False, tile_size=64,
+                                  query_lens=None, **variants):
+    """Decode attention for a ragged batch with the numpy backend: one flash call per slot.
+
+    Slot b's queries are its last query_lens[b] tokens (one each by default), causal within the slot;
+    `variants` are chapter 09's window_left, softcap, alibi_slopes and sinks.
+    """
+    q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot=query_lens is None)
+    counts = check_query_lens(query_lens, [position for position, _, _ in slots], len(q_batch))
     scale = check_scale(softmax_scale, q_batch.shape[2])
+    sinks = check_variants(q_batch.shape[1], **variants)[3]
     out = np.zeros(q_batch.shape, np.float32)
     lse = np.full(q_batch.shape[:2], -np.inf, np.float32)
+    first_row = np.cumsum(counts) - counts
     for b, (position, k, v) in enumerate(slots):
+        rows = slice(first_row[b], first_row[b] + counts[b])
         if position:
-            out_b, lse_b = flash_attention_numpy(q_batch[b:b + 1], k[:position], v[:position], scale,
-                                                 return_lse=True, tile_size=tile_size)
-            out[b], lse[b] = out_b[0], lse_b[0]
+            out[rows], lse[rows] = flash_attention_numpy(q_batch[rows], k[:position], v[:position], scale, True,
+                                                         return_lse=True, tile_size=tile_size, **variants)
+        else:                              # nothing to attend to: zeros, and the sinks' share of the softmax
+            out[rows], lse[rows] = add_sinks(out[rows], lse[rows], sinks)
     return (out, lse) if return_lse else out
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from flashdecode import AttentionError, KvSlot, ListKvView, batched_flash_attention, flash_attention_forward
 from flashdecode.batching import batched_reference
 from flashdecode.naive import attention_reference
+from flashdecode.variants import batched_variant_reference
 
 DTYPES = [np.float16, np.float32, np.float64, np.longdouble, np.int32, np.int64, np.bool_, np.complex64, object]
 outcomes = Counter()
@@ -133,8 +134,27 @@ def fuzz_valid_views(num_kv_heads, lengths, spare, num_threads, split_size, back
           lambda: batched_reference(q_batch, view))
 
 
+@FUZZ
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=4), st.one_of(st.none(), st.integers(-2, 50)),
+       st.sampled_from([None, 0.0, -1.0, 3.0, float("nan"), True]), st.sampled_from([None, "ok", "short", "inf"]),
+       st.sampled_from([None, "ok", "nan"]), st.one_of(st.none(), st.lists(st.integers(-1, 45), max_size=5)),
+       threads, backends)
+def fuzz_variants(lengths, window_left, softcap, sinks, slopes, query_lens, num_threads, backend):
+    """Valid and invalid variants (chapter 09) on well-formed batches: an AttentionError or the reference's answer."""
+    rng = np.random.default_rng(sum(lengths))
+    keys = [rng.standard_normal((n, 2, 8)).astype(np.float32) for n in lengths]
+    view = ListKvView([KvSlot(b, b, n) for b, n in enumerate(lengths)], keys, keys)
+    per_head = {"ok": rng.standard_normal(4), "short": np.ones(3), "inf": np.full(4, np.inf), "nan": np.full(4, np.nan)}
+    variants = dict(window_left=window_left, softcap=softcap, sinks=per_head.get(sinks), alibi_slopes=per_head.get(slopes))
+    rows = len(lengths) if query_lens is None else max(0, sum(query_lens))
+    q_batch = rng.standard_normal((rows, 4, 8))
+    judge(lambda: batched_flash_attention(q_batch, view, return_lse=True, num_threads=num_threads, backend=backend,
+                                          query_lens=query_lens, **variants),
+          lambda: batched_variant_reference(q_batch, view, query_lens=query_lens, **variants))
+
+
 def main():
-    for target in (fuzz_batched, fuzz_forward, fuzz_valid_views):
+    for target in (fuzz_batched, fuzz_forward, fuzz_valid_views, fuzz_variants):
         target()
     total = sum(outcomes.values())
     print(f"fuzz: {total} inputs, {outcomes['AttentionError']} AttentionError, "
