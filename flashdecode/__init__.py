@@ -16,6 +16,7 @@ from flashdecode._kernels import has_openmp, max_threads  # noqa: E402
 from flashdecode.api import batched_flash_attention, flash_attention_forward, get_num_threads, set_num_threads  # noqa: E402
 from flashdecode.batching import BatchedKvView, KvCache, KvSlot, ListKvView  # noqa: E402
 from flashdecode.naive import attention_reference  # noqa: E402
+from flashdecode.paged import PagedKvCache  # noqa: E402
 from flashdecode.tiling import AttentionError, merge_states  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "KvCache",
     "KvSlot",
     "ListKvView",
+    "PagedKvCache",
     "attention_reference",
     "batched_flash_attention",
     "flash_attention_forward",
