@@ -23,11 +23,15 @@ class BlockPool:
         shape = tuple(check_count(name, value, minimum) for name, value, minimum in [
             ("num_blocks", num_blocks, 0), ("block_size", block_size, 1),
             ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1)])
-        if np.dtype(dtype).kind != "f":
-            raise AttentionError(f"dtype must be a real float type; got {np.dtype(dtype)}")
+        try:
+            kind = np.dtype(dtype).kind
+        except TypeError:                   # not a dtype at all, e.g. "floaty"
+            kind = None
+        if kind != "f":
+            raise AttentionError(f"dtype must be a real float type (float16, float32, float64); got {dtype!r}")
         self.keys = np.zeros(shape, dtype)
         self.values = np.zeros_like(self.keys)
-        self.ref_counts = np.zeros(num_blocks, np.int64)
+        self.ref_counts = np.zeros(shape[0], np.int64)
         # a stack: the block freed last is reused first (its memory is the likeliest to still be in cache);
         # reversed so that a fresh pool hands out blocks 0, 1, 2, ...
         self.free_blocks = list(range(shape[0] - 1, -1, -1))

@@ -231,8 +231,9 @@ def test_unknown_sequences_change_nothing(busy_cache, seq):
 def test_constructor_checks_its_arguments(arguments, match):
     with pytest.raises(AttentionError, match=match):
         PagedKvCache(*arguments)
-    with pytest.raises(AttentionError, match="dtype"):
-        PagedKvCache(4, 4, 1, 1, dtype=np.int32)
+    for dtype in (np.int32, "floaty", np.complex64):
+        with pytest.raises(AttentionError, match="dtype"):
+            PagedKvCache(4, 4, 1, 1, dtype=dtype)
 
 
 def test_view_offers_the_paged_protocol():
