@@ -9,7 +9,7 @@ import pytest
 
 from flashdecode import AttentionError, BatchedKvView, KvCache, KvSlot, ListKvView, PagedKvCache
 from flashdecode.batching import batched_reference
-from flashdecode.paged import PagedBatchedKvView, gather_tokens, is_paged, paged_attention_numpy
+from flashdecode.paged import PagedBatchedKvView, check_paged_batch, gather_tokens, is_paged, paged_attention_numpy
 from conftest import rel_err
 from test_memory import peak_during
 from paged_helpers import (
@@ -84,6 +84,28 @@ def test_attention_reads_and_writes_nothing_else(backend):
     ATTEND[backend](q_batch, model.cache.view(seqs), None)
     assert_same_state(before, cache_state(model.cache))
     np.testing.assert_array_equal(q_batch, q_copy)
+
+
+@pytest.mark.parametrize("block_size", [3, 16])
+@pytest.mark.parametrize("tile_size", [1, 7, 64, 1000])
+def test_any_number_of_blocks_per_tile(block_size, tile_size):
+    model, seqs = mixed_batch(block_size)
+    fill_unused_with_nan(model.cache)
+    q_batch = np.random.default_rng(4).standard_normal((len(seqs), 4, 8)).astype(np.float32)
+    out, lse = paged_attention_numpy(q_batch, model.cache.view(seqs), return_lse=True, tile_size=tile_size)
+    ref, ref_lse = model.reference(q_batch, seqs)
+    assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
+
+
+def test_check_paged_batch_hands_the_kernel_pools_in_place_and_cut_tables():
+    model, seqs = mixed_batch(16)
+    view = model.cache.view(seqs)
+    q_batch, key_pool, value_pool, slots = check_paged_batch(np.ones((len(seqs), 2, 8), np.float16), view)
+    assert key_pool is model.cache.keys and value_pool is model.cache.values      # never a copy of the pool
+    assert q_batch.dtype == np.float16                                            # converted later, per tile
+    for slot, (position, table) in enumerate(slots):
+        assert position == view.position(slot) and table.dtype == np.intp
+        assert table.tolist() == view.block_table(slot)[:-(-position // 16)].tolist()
 
 
 def test_a_fresh_pool_hands_out_blocks_in_order():
