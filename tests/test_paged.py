@@ -29,8 +29,10 @@ def mixed_batch(block_size, seed=0):
     model.append(middle, 2)
     model.append(longest, 10)               # ... while others keep decoding
     gone = model.new(97)
+    blocks_given_back = set(model.cache.block_table(gone).tolist())
     model.free(gone)
     reused = model.new(70)                  # takes the blocks `gone` gave back
+    assert set(model.cache.block_table(reused).tolist()) <= blocks_given_back
     return model, [empty, short, middle, longest, beam, reused, middle]
 
 
