@@ -15,8 +15,9 @@ import tracemalloc
 
 import numpy as np
 
-from flashdecode.api import batched_flash_attention, get_num_threads
+from flashdecode.api import batched_flash_attention, flash_attention_forward, get_num_threads
 from flashdecode.batching import batched_reference
+from flashdecode.paged import PagedKvCache
 from flashdecode.bench import (ROOF_BYTES, CacheFlusher, Scenario, make_inputs, rel_err, scenarios, threaded,
                                time_interleaved)
 
@@ -257,6 +258,37 @@ def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
     return rows
 
 
+def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeats=7):
+    """The same batch as a KvCache and as a PagedKvCache (blocks of `block_size`), timed in rotation.
+    Returns (contiguous s, paged s)."""
+    q, cache = make_inputs(scenario)
+    pool = PagedKvCache(sum(-(-n // block_size) for n in scenario.lengths), block_size,
+                        scenario.num_kv_heads, scenario.head_dim)
+    seqs = [pool.new_sequence() for _ in scenario.lengths]
+    for slot, (seq, n) in enumerate(zip(seqs, scenario.lengths)):
+        pool.append(seq, cache.keys[slot, :n], cache.values[slot, :n])
+    contiguous, paged = cache.view(range(len(seqs))), pool.view(seqs)
+    assert rel_err(batched_flash_attention(q, paged), batched_flash_attention(q, contiguous)) < 1e-5
+    timed = time_interleaved({"contiguous": lambda: batched_flash_attention(q, contiguous, num_threads=num_threads),
+                              "paged": lambda: batched_flash_attention(q, paged, num_threads=num_threads)},
+                             repeats, flush)
+    return timed["contiguous"][0], timed["paged"][0]
+
+
+def window_against_short_cache(num_threads, flush, length=65536, window_left=256, repeats=7):
+    """One MQA decode step over a `length`-token cache with and without a window, and over a cache as short as
+    the window, timed in rotation. Returns {label: s}."""
+    q, cache = make_inputs(Scenario("window", [length], 8, 1))
+    keys, values = cache.keys[0, :length], cache.values[0, :length]
+    short_keys, short_values = keys[-window_left - 1:].copy(), values[-window_left - 1:].copy()
+    methods = {f"{length} tokens, window_left={window_left}":
+               lambda: flash_attention_forward(q, keys, values, window_left=window_left, num_threads=num_threads),
+               f"{window_left + 1} tokens": lambda: flash_attention_forward(q, short_keys, short_values,
+                                                                          num_threads=num_threads),
+               f"{length} tokens, no window": lambda: flash_attention_forward(q, keys, values, num_threads=num_threads)}
+    return {label: median for label, (median, _) in time_interleaved(methods, repeats, flush).items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m flashdecode.bench_report", description="flashdecode decode-attention benchmark")
     parser.add_argument("--quick", action="store_true", help="caches a quarter the size, fewer repeats")
@@ -272,6 +304,11 @@ def main(argv=None):
     rows = run(args.quick, threads, args.scenario)
     print("memory per call ...", file=sys.stderr, flush=True)
     memory = memory_per_call(num_threads=threads)
+    print("paged against contiguous, and a window over a long cache ...", file=sys.stderr, flush=True)
+    flush = CacheFlusher()
+    paged = {s.name: paged_against_contiguous(s, threads, flush) for s in scenarios(args.quick)
+             if s.name in ("uniform", "ragged")}
+    window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
@@ -290,6 +327,11 @@ def main(argv=None):
         rss = "n/a" if m["rss_kib"] is None else f"{m['rss_kib']:.0f} KiB"
         print(f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
               f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}")
+    for name, (contiguous, paged_s) in paged.items():
+        print(f"paged (blocks of 16) against contiguous, {name}: {contiguous * 1e3:.2f} ms contiguous, "
+              f"{paged_s * 1e3:.2f} ms paged: paged runs at {contiguous / paged_s:.0%} of the contiguous speed")
+    print("sliding window, one MQA decode step (H=8/1 D=128): "
+          + ", ".join(f"{label} {seconds * 1e3:.3f} ms" for label, seconds in window.items()))
     print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
           f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
     print(f"saved {saved} in {args.out}/", file=sys.stderr)
