@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 
 from flashdecode.api import batched_flash_attention, flash_attention_forward, get_num_threads
-from flashdecode.batching import batched_reference
+from flashdecode.batching import KvCache, batched_reference
 from flashdecode.paged import PagedKvCache
 from flashdecode.bench import (ROOF_BYTES, CacheFlusher, Scenario, make_inputs, rel_err, scenarios, threaded,
                                time_interleaved)
@@ -275,6 +275,38 @@ def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeat
     return timed["contiguous"][0], timed["paged"][0]
 
 
+STORAGE_FORMATS = ("float32", "float16", "bfloat16", "int8")
+BYTES_PER_NUMBER = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def storage_formats(scenario, num_threads, flush, roof_data, repeats=7):
+    """The scenario's batch from a cache of each storage format, in rotation with the roof. Returns a row per
+    format: time, tokens/s, speed-up over float32, and the bytes actually read (values and int8 scales) / time
+    as a fraction of the roof."""
+    q, source = make_inputs(scenario)
+    num_slots = len(scenario.lengths)
+    methods, caches = {}, {}
+    for format in STORAGE_FORMATS:
+        cache = caches[format] = KvCache(num_slots, max(scenario.lengths), scenario.num_kv_heads, scenario.head_dim,
+                                         dtype=format)
+        for slot, n in enumerate(scenario.lengths):
+            cache.append(slot, source.keys[slot, :n], source.values[slot, :n])
+        methods[format] = (lambda cache=cache: batched_flash_attention(q, cache.view(range(num_slots)),
+                                                                       num_threads=num_threads))
+    del source
+    methods["roof"] = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
+    timed = time_interleaved(methods, repeats, flush)
+    roof = roof_data.nbytes / min(timed.pop("roof")[1])
+    tokens = int(np.sum(scenario.lengths))
+    rows = []
+    for format, (seconds, _) in timed.items():
+        read = tokens * scenario.num_kv_heads * 2 * (scenario.head_dim * BYTES_PER_NUMBER[format]
+                                                     + (4 if format == "int8" else 0))
+        rows.append({"scenario": scenario.name, "format": format, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+                     "speedup": timed["float32"][0] / seconds, "roof_frac": read / seconds / roof})
+    return rows
+
+
 def window_against_short_cache(num_threads, flush, length=65536, window_left=256, repeats=7):
     """One MQA decode step over a `length`-token cache with and without a window, and over a cache as short as
     the window, timed in rotation. Returns {label: s}."""
@@ -309,6 +341,10 @@ def main(argv=None):
     paged = {s.name: paged_against_contiguous(s, threads, flush) for s in scenarios(args.quick)
              if s.name in ("uniform", "ragged")}
     window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
+    print("storage formats ...", file=sys.stderr, flush=True)
+    roof_data = np.ones(ROOF_BYTES // 4, np.float32)
+    formats = [row for s in scenarios(args.quick) if s.name in ("uniform", "ragged", "mqa-64k", "gqa-g8")
+               for row in storage_formats(s, threads, flush, roof_data)]
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
@@ -332,6 +368,10 @@ def main(argv=None):
               f"{paged_s * 1e3:.2f} ms paged: paged runs at {contiguous / paged_s:.0%} of the contiguous speed")
     print("sliding window, one MQA decode step (H=8/1 D=128): "
           + ", ".join(f"{label} {seconds * 1e3:.3f} ms" for label, seconds in window.items()))
+    print("storage formats (the same batch from a cache of each format; roof: bytes actually read / time):")
+    for row in formats:
+        print(f"  {row['scenario']:8} {row['format']:9} {row['ms']:8.2f} ms  {row['tokens_per_s'] / 1e6:7.2f} M tokens/s  "
+              f"{row['speedup']:5.2f}x float32  {row['roof_frac']:5.0%} of the roof")
     print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
           f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
     print(f"saved {saved} in {args.out}/", file=sys.stderr)
