@@ -32,7 +32,7 @@ def torch_variants(q, cache, lengths, num_threads):
     except ImportError:
         return None
     torch.set_num_threads(num_threads)
-    batch, longest = len(lengths), max(lengths)
+    longest = max(lengths)
     k = torch.from_numpy(np.ascontiguousarray(cache.keys[:, :longest].transpose(0, 2, 1, 3)))
     v = torch.from_numpy(np.ascontiguousarray(cache.values[:, :longest].transpose(0, 2, 1, 3)))
     qt = torch.from_numpy(q).unsqueeze(2)                                  # (B, H, 1, D)
@@ -95,7 +95,7 @@ def run_scenario(scenario, num_threads, quick, flush, progress, roof_data):
     if variants:
         best = min(variants, key=lambda name: row[f"torch_{name}_s"])
         row["torch_s"], row["torch_best"] = row[f"torch_{best}_s"], best
-    del q, cache, view, variants, methods
+    del cache, variants, methods         # the scenario's arrays go before the next one is built
     gc.collect()
     row["flashdecode_gbs"] = scenario.kv_bytes / row["flashdecode_s"] / 1e9
     row["roof_frac"] = row["flashdecode_gbs"] / row["roof_gbs"]
