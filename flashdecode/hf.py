@@ -154,11 +154,10 @@ def fdecode_attention(module, query, key, value, attention_mask, scaling=None, d
     batch, _, q_len, _ = query.shape
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     plans = batch_plans(attention_mask, q_len, key.shape[2], batch, causal)
-    windows = {plan[3] for plan in plans if plan is not None and plan[3] is not None}
-    if len(windows) > 1:
-        raise MaskError(f"the batch's rows have different sliding windows {sorted(windows)}")
+    windows = [plan[3] for plan in plans if plan is not None and plan[3] is not None]
     sinks = None if s_aux is None else s_aux.detach().float().numpy()
-    extra = variant_kwargs(windows.pop() if windows else None, softcap, sinks)
+    extra = variant_kwargs(None, softcap, sinks)
+    variant_kwargs(windows[0] if windows else None, softcap, sinks)     # refuse before computing anything
     q = as_kernel_array(query).transpose(0, 2, 1, 3)                 # (B, Lq, H, D): views, no copies
     k = as_kernel_array(key).transpose(0, 2, 1, 3)                   # (B, Lkv, Hkv, D)
     v = as_kernel_array(value).transpose(0, 2, 1, 3)
@@ -172,10 +171,10 @@ def fdecode_attention(module, query, key, value, attention_mask, scaling=None, d
         out = np.zeros(q.shape, np.float32)
         for b, plan in enumerate(plans):
             if plan is not None:
-                start, end, row_causal, _ = plan
+                start, end, row_causal, window = plan
                 first = max(0, q_len - (end - start)) if row_causal else 0    # queries before it see no key
                 out[b, first:] = flash_attention_forward(q[b, first:], k[b, start:end], v[b, start:end], scaling,
-                                                         row_causal, **extra)
+                                                         row_causal, **variant_kwargs(window, softcap, sinks))
     return torch.from_numpy(out).to(query.dtype), None
 
 # %% book/10_transformers.ipynb #f72ea83c

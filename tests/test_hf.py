@@ -248,12 +248,26 @@ def test_refused_masks():
         hf.batch_plans(per_head, 1, 6, 1)
     with pytest.raises(hf.MaskError, match="shape"):
         hf.batch_plans(torch.ones(1, 1, 2, 6, dtype=torch.bool), 1, 6, 1)
-    # in prefill a window is one number per layer (in decode each row's window is just where its keys start)
-    windows = torch.from_numpy(np.stack([hf.expected_mask((0, 6, True, w), 6, 6) for w in (2, 3)]))[:, None]
     layer = types.SimpleNamespace(training=False, is_causal=True)
-    q, kv = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
-    with pytest.raises(hf.MaskError, match="different sliding windows"):
-        hf.fdecode_attention(layer, q, kv, kv, windows, scaling=0.25)
+    for q_len in (1, 3):                      # a mask wider than the keys, from a cache that is not full: refused
+        mask = torch.ones(1, 1, q_len, 6, dtype=torch.bool)
+        with pytest.raises(hf.MaskError, match="shape"):
+            hf.fdecode_attention(layer, torch.randn(1, 4, q_len, 16), torch.randn(1, 2, 7, 16),
+                                 torch.randn(1, 2, 7, 16), mask, scaling=0.25)
+
+
+def test_rows_with_different_windows_in_prefill(monkeypatch):
+    """Each prefill row gets its own window_left (here through the reference kernel); decode needs none."""
+    monkeypatch.setattr(hf, "flash_attention_forward", reference_forward)
+    monkeypatch.setattr(hf, "batched_flash_attention", reference_batched)
+    layer = types.SimpleNamespace(training=False, is_causal=True)
+    for q_len in (6, 1):
+        rows = [hf.expected_mask((start, 6, True, w), q_len, 6) for start, w in [(0, 2), (1, 3), (0, None)]]
+        mask = torch.from_numpy(np.stack(rows))[:, None]
+        q, k, v = torch.randn(3, 4, q_len, 16), torch.randn(3, 2, 6, 16), torch.randn(3, 2, 6, 16)
+        out, _ = hf.fdecode_attention(layer, q, k, v, mask, scaling=0.25)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.25, enable_gqa=True)
+        assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5), q_len
 
 
 def test_float_mask_and_padding_queries():
