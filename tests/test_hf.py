@@ -64,21 +64,21 @@ def padded_prompts(lengths, seed=0):
     return ids * mask, mask
 
 
-def run(model, implementation, ids, mask, new_tokens=30):
+def run(model, implementation, ids, mask, new_tokens=30, **generate):
     """(prefill logits, generated tokens) with the given attention implementation."""
     model.set_attn_implementation(implementation)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
+                             do_sample=False, **generate)
     return logits, out[:, ids.shape[1]:]
 
 
-def check_against_eager(arch):
+def check_against_eager(arch, **generate):
     model = tiny_model(arch)
     ids, mask = padded_prompts([12, 9, 6])
-    eager_logits, eager_tokens = run(model, "eager", ids, mask)
-    logits, tokens = run(model, NAME, ids, mask)
+    eager_logits, eager_tokens = run(model, "eager", ids, mask, **generate)
+    logits, tokens = run(model, NAME, ids, mask, **generate)
     real = mask.bool()
     err = ((logits - eager_logits)[real].abs().max() / eager_logits[real].abs().max()).item()
     assert err < 1e-4, f"{arch}: prefill logits differ from eager by {err:.2e} relative"
@@ -88,6 +88,11 @@ def check_against_eager(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_generate_matches_eager(arch):
     check_against_eager(arch)
+
+
+def test_static_cache():
+    """A static cache is allocated for the longest sequence: the mask hides its unused tail, the plan stops before it."""
+    check_against_eager("llama", cache_implementation="static")
 
 
 @pytest.mark.parametrize("arch", [pytest.param(arch, marks=needs_variants) for arch in ["mistral", "gemma2"]])
@@ -249,7 +254,7 @@ def test_refused_masks():
     with pytest.raises(hf.MaskError, match="shape"):
         hf.batch_plans(torch.ones(1, 1, 2, 6, dtype=torch.bool), 1, 6, 1)
     layer = types.SimpleNamespace(training=False, is_causal=True)
-    for q_len in (1, 3):                      # a mask wider than the keys, from a cache that is not full: refused
+    for q_len in (1, 3):                      # a mask narrower than the keys: refused
         mask = torch.ones(1, 1, q_len, 6, dtype=torch.bool)
         with pytest.raises(hf.MaskError, match="shape"):
             hf.fdecode_attention(layer, torch.randn(1, 4, q_len, 16), torch.randn(1, 2, 7, 16),
