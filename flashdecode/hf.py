@@ -8,7 +8,8 @@ import weakref
 
 import numpy as np
 
-TORCH_FIRST = "torch" in sys.modules   # torch imported before flashdecode: see register()
+# sys.modules keeps import order: True when torch (and its OpenMP runtime) started before flashdecode did
+TORCH_FIRST = "torch" in sys.modules and list(sys.modules).index("torch") < list(sys.modules).index("flashdecode")
 from flashdecode.api import batched_flash_attention, flash_attention_forward   # noqa: E402 (sets OMP_WAIT_POLICY)
 from flashdecode.batching import KvSlot, ListKvView                             # noqa: E402
 import torch                                                                     # noqa: E402

@@ -9,6 +9,8 @@ through a float64 reference kernel that has the arguments, which checks the adap
 """
 import math
 import re
+import subprocess
+import sys
 import tracemalloc
 import types
 from pathlib import Path
@@ -347,3 +349,17 @@ def test_the_readme_lines_switch_a_model():
     namespace = {"model": model}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["name"] == NAME and model.config._attn_implementation == NAME
+
+
+@pytest.mark.parametrize("imports, torch_first", [("import torch, flashdecode.hf", True),
+                                                  ("import flashdecode, torch, flashdecode.hf", False)])
+def test_torch_first_is_the_import_order(imports, torch_first):
+    result = subprocess.run([sys.executable, "-c", f"{imports}; print(flashdecode.hf.TORCH_FIRST)"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == str(torch_first), result.stderr[-2000:]
+
+
+def test_register_warns_when_torch_started_first(monkeypatch):
+    monkeypatch.setattr(hf, "TORCH_FIRST", True)
+    with pytest.warns(RuntimeWarning, match="torch was imported before flashdecode"):
+        assert hf.register() == NAME
