@@ -12,6 +12,7 @@ import numpy as np
 TORCH_FIRST = "torch" in sys.modules and list(sys.modules).index("torch") < list(sys.modules).index("flashdecode")
 from flashdecode.api import batched_flash_attention, flash_attention_forward   # noqa: E402 (sets OMP_WAIT_POLICY)
 from flashdecode.batching import KvSlot, ListKvView                             # noqa: E402
+from flashdecode.storage import bfloat16                                        # noqa: E402
 import torch                                                                     # noqa: E402
 
 NAME = "fdecode"   # transformers sends any implementation name containing "flash" to its own flash-attn loader
@@ -135,9 +136,12 @@ REFUSED = ("position_bias", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k")   # w
 
 
 def as_kernel_array(x):
-    """A CPU tensor as a numpy array over the same memory (float32, float16); bfloat16 becomes float32 (a copy)."""
+    """A CPU tensor as a numpy array over the same memory: float32, float16, and bfloat16 (as ml_dtypes' bfloat16,
+    which chapter 08's kernel reads in place; a float32 copy where that is missing)."""
     x = x.detach()
-    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    if x.dtype == torch.bfloat16:
+        return x.float().numpy() if bfloat16 is None else x.view(torch.int16).numpy().view(bfloat16)
+    return x.numpy()
 
 
 def fdecode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,

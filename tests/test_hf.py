@@ -2,10 +2,10 @@
 
 Tiny models built from configs with random weights (nothing is downloaded): a left-padded batch of prompts of
 different lengths, greedy generate() of 30 tokens must give exactly eager's tokens, and the prefill logits of the
-real tokens must agree to 1e-4 relative. Mistral (a sliding window shorter than the text) and Gemma 2 (soft-cap,
-sliding window) need the kernel's window_left / softcap: they are expected to fail (strictly) while the kernel
-lacks those keyword arguments and must pass once it has them. The same two, and gpt-oss (sinks), also run now
-through a float64 reference kernel that has the arguments, which checks the adapter's side of the mapping.
+real tokens must agree to 1e-4 relative. Mistral (a sliding window shorter than the text), Gemma 2 (soft-cap,
+sliding window) and gpt-oss (sinks) need the kernel's window_left / softcap / sinks: they are expected to fail
+(strictly) with a kernel that lacks those keyword arguments and must pass with one that has them. The same three
+also run through a float64 reference kernel that has the arguments, which checks the adapter's side alone.
 """
 import math
 import re
@@ -104,7 +104,8 @@ def test_static_cache():
 
 
 @pytest.mark.parametrize("arch", [pytest.param("mistral", marks=needs_variants("window_left")),
-                                  pytest.param("gemma2", marks=needs_variants("window_left", "softcap"))])
+                                  pytest.param("gemma2", marks=needs_variants("window_left", "softcap")),
+                                  pytest.param("gpt_oss", marks=needs_variants("window_left", "sinks"))])
 def test_generate_matches_eager_with_variants(arch):
     check_against_eager(arch)
 
@@ -171,11 +172,11 @@ def test_missing_variant_is_refused_by_name(monkeypatch):
 
 # --- zero-copy ---
 
-def decode_step_with_cache(model, length, spy=None, monkeypatch=None):
+def decode_step_with_cache(model, length, spy=None, monkeypatch=None, dtype=torch.float32):
     """numpy's peak allocation (bytes) during one decode step over `length` cached tokens, and the cache's bytes."""
     cache = DynamicCache(config=model.config)
     for layer in range(model.config.num_hidden_layers):
-        cache.update(torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16), layer)
+        cache.update(torch.randn(2, 2, length, 16).to(dtype), torch.randn(2, 2, length, 16).to(dtype), layer)
     step = dict(input_ids=torch.tensor([[5], [6]]), attention_mask=torch.ones(2, length + 1, dtype=torch.long),
                 cache=cache, use_cache=True)
     model.set_attn_implementation(NAME)
@@ -191,7 +192,8 @@ def decode_step_with_cache(model, length, spy=None, monkeypatch=None):
     return peak, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers), cache
 
 
-def test_decode_reads_the_cache_in_place(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_reads_the_cache_in_place(monkeypatch, dtype):
     seen = []
     real = hf.batched_flash_attention
 
@@ -201,9 +203,9 @@ def test_decode_reads_the_cache_in_place(monkeypatch):
             seen.append((k, v, kernel_ready(k) is k and kernel_ready(v) is v))
         return real(q_batch, kv_view, *args, **kwargs)
 
-    model = tiny_model("llama")
-    short_peak, _, _ = decode_step_with_cache(model, 4096)
-    peak, cache_bytes, cache = decode_step_with_cache(model, 65_536, spy, monkeypatch)
+    model = tiny_model("llama").to(dtype)
+    short_peak, _, _ = decode_step_with_cache(model, 4096, dtype=dtype)
+    peak, cache_bytes, cache = decode_step_with_cache(model, 65_536, spy, monkeypatch, dtype)
     assert peak < cache_bytes / 100 and peak < 2 * short_peak + 16384, (peak, short_peak, cache_bytes)
     storages = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes())
                 for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -345,10 +347,14 @@ def test_the_readme_lines_switch_a_model():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     blocks = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "flashdecode.hf" in block]
     assert len(blocks) == 1
-    model = tiny_model("llama")
-    namespace = {"model": model}
+    namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
+    model = namespace["model"]
     assert namespace["name"] == NAME and model.config._attn_implementation == NAME
+    ids, mask = padded_prompts([5, 3])
+    with torch.no_grad():
+        assert model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
+                              do_sample=False).shape[1] == 8
 
 
 @pytest.mark.parametrize("imports, torch_first", [("import torch, flashdecode.hf", True),
