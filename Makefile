@@ -9,10 +9,11 @@ BUILT  := $(VENV)/.built
 
 .PHONY: test lab build export run figures bench annotate clean
 
+# hf: torch (pinned: the local CPU wheel) and transformers, for chapter 10 and tests/test_hf.py
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77' 'Cython>=3.0.8'
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev,hf]'
 	touch $@
 
 # rebuild the extension whenever the exported kernel or the build script changes
