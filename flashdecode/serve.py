@@ -4,7 +4,7 @@
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -445,8 +445,8 @@ def step_summary(record, num_blocks):
             f"reserved · {record.waiting} waiting{done}")
 
 # %% book/11_serving.ipynb #s11c055
-DEMO_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=8,
-                          num_kv_heads=2, head_dim=16)
+DEMO_CONFIG = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16)      # the chapter's shapes, with a larger vocabulary
 
 
 def progress_line(total_tokens, stream=sys.stderr, width=30):
@@ -470,7 +470,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=64, help="requests in the workload (default 64)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the three policies in rotation (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and the weights")
-    parser.add_argument("--token-budget", type=int, default=128, help="rows per step (default 128)")
+    parser.add_argument("--token-budget", type=int, default=64, help="rows per step (default 64)")
     parser.add_argument("--max-running", type=int, default=16, help="sequences at once (default 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
