@@ -169,7 +169,7 @@ def forward(weights, caches, seqs, chunks, all_logits=False):
     rows = x if all_logits else x[bounds[1:] - 1]
     return linear(rms_norm(rows, weights.norm, c.rms_norm_eps), weights.lm_head)
 
-# %% book/11_serving.ipynb #s11c020
+# %% book/11_serving.ipynb #s11c022
 @dataclass
 class Request:
     request_id: int
@@ -215,7 +215,7 @@ def blocks_needed(prompt_len, max_new_tokens, samples, block_size):
     final = prompt_len + max_new_tokens - 1                      # tokens in the cache when it finishes
     return shared + samples * (-(-final // block_size) - shared)
 
-# %% book/11_serving.ipynb #s11c021
+# %% book/11_serving.ipynb #s11c023
 class Engine:
     """A continuous-batching engine over LayerCaches (see chapter 11). policy "continuous" admits requests
     at every step; "static" admits only when nothing is running (the batch runs until its last request ends)."""
@@ -255,7 +255,7 @@ class Engine:
     def running_sequences(self):
         return sum(len(group.ranks) for group in self.running)
 
-# %% book/11_serving.ipynb #s11c022
+# %% book/11_serving.ipynb #s11c024
 def schedule(engine):
     """The rows of the next step: [(sample, number of tokens)]. Decode rows first, then prompt chunks of
     running requests, then new requests from the head of the queue while budget, sequences and blocks allow."""
@@ -287,7 +287,7 @@ def schedule(engine):
         budget -= count
     return batch
 
-# %% book/11_serving.ipynb #s11c023
+# %% book/11_serving.ipynb #s11c025
 def run_step(engine):
     """Schedule, run the model on the batch, pick tokens, fork and finish. Returns the StepRecord (None when
     there is nothing to do)."""
