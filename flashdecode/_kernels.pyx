@@ -8,7 +8,7 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY, expf, fabsf, logf, tanhf
 from libc.stddef cimport ptrdiff_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from "_openmp.h":
     int fd_has_openmp() noexcept nogil
@@ -43,48 +43,136 @@ def last_team_size():
     """How many threads the last attend() call actually ran on (for tests and the benchmark chapter)."""
     return last_team
 
+# %% book/05_compiled_kernel.ipynb #3e23438d
+cdef extern from "_run.h":
+    enum:
+        FD_F32, FD_F16, FD_BF16, FD_I8
+    ctypedef struct fd_run:
+        const void *keys
+        const void *values
+        const float *k_scales
+        const float *v_scales
+        ptrdiff_t k_token_stride, k_head_stride, v_token_stride, v_head_stride, scale_token_stride
+        ptrdiff_t n
+        int format
+
+
+# The `rows` table: where each query row's keys and values live, one line per row, in these columns.
+# Addresses and strides (in elements) let every slot's cache be read where it is, whatever array holds it.
+# A paged row (block_size > 0) keeps its tokens in blocks of a pool: token t is token t % block_size of
+# block table[t // block_size], and the block's first token is at addr + block * block_stride. An int8 row
+# (chapter 08) has a float32 scale per token and kv head, in arrays laid out like its keys.
+cdef enum:
+    K_ADDR, K_TOKEN_STRIDE, K_HEAD_STRIDE, V_ADDR, V_TOKEN_STRIDE, V_HEAD_STRIDE
+    BLOCK_SIZE, BLOCK_TABLE, K_BLOCK_STRIDE, V_BLOCK_STRIDE
+    FORMAT, K_SCALE_ADDR, V_SCALE_ADDR, SCALE_TOKEN_STRIDE, SCALE_BLOCK_STRIDE
+ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride",
+               "block_size", "block_table", "k_block_stride", "v_block_stride",
+               "format", "k_scale_addr", "v_scale_addr", "scale_token_stride", "scale_block_stride")
+FORMATS = {"float32": FD_F32, "float16": FD_F16, "bfloat16": FD_BF16, "int8": FD_I8}
+
+
+cdef inline ptrdiff_t element_bytes(Py_ssize_t format) noexcept nogil:
+    return 4 if format == FD_F32 else (1 if format == FD_I8 else 2)
+
+
+cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, fd_run *run) noexcept nogil:
+    """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
+
+    Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
+    row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
+    """
+    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0, size = element_bytes(row[FORMAT])
+    cdef ptrdiff_t k_first, v_first, scale_first
+    run.n = stop - start
+    if block_size > 0:           # a paged row: look the block up, stop at its end
+        block = (<const Py_ssize_t *> row[BLOCK_TABLE])[start // block_size]
+        offset = start % block_size
+        run.n = min(run.n, block_size - offset)
+    run.format = <int> row[FORMAT]
+    run.k_token_stride = row[K_TOKEN_STRIDE]
+    run.k_head_stride = row[K_HEAD_STRIDE]
+    run.v_token_stride = row[V_TOKEN_STRIDE]
+    run.v_head_stride = row[V_HEAD_STRIDE]
+    run.scale_token_stride = row[SCALE_TOKEN_STRIDE]
+    k_first = block * row[K_BLOCK_STRIDE] + offset * run.k_token_stride         # in elements
+    v_first = block * row[V_BLOCK_STRIDE] + offset * run.v_token_stride
+    scale_first = block * row[SCALE_BLOCK_STRIDE] + offset * run.scale_token_stride
+    run.keys = (<const char *> row[K_ADDR]) + k_first * size
+    run.values = (<const char *> row[V_ADDR]) + v_first * size
+    run.k_scales = run.v_scales = NULL
+    if row[FORMAT] == FD_I8:
+        run.k_scales = (<const float *> row[K_SCALE_ADDR]) + scale_first
+        run.v_scales = (<const float *> row[V_SCALE_ADDR]) + scale_first
+
 # %% book/05_compiled_kernel.ipynb #d6ed0f96
-cdef inline float load_kv(const float *kv_row, ptrdiff_t i) noexcept nogil:
-    """Element i of a key or value row, as float32: the one place the plain kernels read the cache."""
-    return kv_row[i]
+from libc.stdint cimport int8_t, uint16_t, uint32_t
 
 
-cdef void plain_tile_scores(const float *q, const float *keys, ptrdiff_t k_token_stride,
-                            ptrdiff_t k_head_stride, ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group,
+cdef inline float bits_to_float(uint32_t bits) noexcept nogil:
+    cdef float value
+    memcpy(&value, &bits, sizeof(float))
+    return value
+
+
+cdef inline float half_to_float(uint16_t h) noexcept nogil:
+    """IEEE float16 -> float32, exactly: zero and subnormals, normals, inf and NaN."""
+    cdef uint32_t sign = <uint32_t> (h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF
+    if exponent == 0:                          # zero or subnormal: mantissa · 2^-24
+        return bits_to_float(sign) + (-1.0 if sign else 1.0) * mantissa * 5.9604644775390625e-08
+    if exponent == 31:                         # inf or NaN
+        return bits_to_float(sign | 0x7F800000 | (mantissa << 13))
+    return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13))
+
+
+cdef inline float load_kv(const void *base, int format, ptrdiff_t i) noexcept nogil:
+    """Element i of a key or value array as float32: the one place the plain kernels read the cache.
+    bfloat16 is the top half of a float32; int8 is scaled by the caller, once per row."""
+    if format == FD_F16:
+        return half_to_float((<const uint16_t *> base)[i])
+    if format == FD_BF16:
+        return bits_to_float(<uint32_t> (<const uint16_t *> base)[i] << 16)
+    if format == FD_I8:
+        return <float> (<const int8_t *> base)[i]
+    return (<const float *> base)[i]
+
+
+cdef void plain_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
                             ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil:
-    """scores[hq * ld + j] = q_hq · key(j, hq // group) for the n keys of a tile; q is already scaled.
+    """scores[hq * ld + j] = q_hq · key(j, hq // group) for the run's n keys; q is already scaled.
 
     Tokens in memory order; each key row serves the `group` query heads that share it while it is in L1.
     """
-    cdef ptrdiff_t j, h, hq, d
-    cdef const float *key
-    cdef float dot
-    for j in range(n):
+    cdef ptrdiff_t j, h, hq, d, key
+    cdef float dot, scale = 1.0
+    for j in range(run.n):
         for h in range(num_kv_heads):
-            key = keys + j * k_token_stride + h * k_head_stride
+            key = j * run.k_token_stride + h * run.k_head_stride
+            if run.format == FD_I8:
+                scale = run.k_scales[j * run.scale_token_stride + h]
             for hq in range(h * group, (h + 1) * group):
                 dot = 0.0
                 for d in range(head_dim):
-                    dot = dot + q[hq * head_dim + d] * load_kv(key, d)
-                scores[hq * ld + j] = dot
+                    dot = dot + q[hq * head_dim + d] * load_kv(run.keys, run.format, key + d)
+                scores[hq * ld + j] = dot * scale
 
 
-cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                            ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                             ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil:
-    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the n tokens of a tile.
+    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the run's n tokens.
 
     Heads in order, so the `group` heads sharing a value row use it one after the other, while it is in L1.
     """
-    cdef ptrdiff_t j, hq, d
-    cdef const float *value
+    cdef ptrdiff_t j, hq, d, value
     cdef float weight
-    for j in range(n):
+    for j in range(run.n):
         for hq in range(num_kv_heads * group):
-            value = values + j * v_token_stride + (hq // group) * v_head_stride
+            value = j * run.v_token_stride + (hq // group) * run.v_head_stride
             weight = weights[hq * ld + j]
+            if run.format == FD_I8:
+                weight = weight * run.v_scales[j * run.scale_token_stride + hq // group]
             for d in range(head_dim):
-                acc[hq * head_dim + d] += weight * load_kv(value, d)
+                acc[hq * head_dim + d] += weight * load_kv(run.values, run.format, value + d)
 
 # %% book/05_compiled_kernel.ipynb #2114dd39
 cdef float plain_tile_max(const float *s, ptrdiff_t n) noexcept nogil:
@@ -110,13 +198,11 @@ cdef float plain_exp_sub(float *s, ptrdiff_t n, float m) noexcept nogil:
 # A set of tile kernels: the four jobs the skeleton hands out for every tile. Plain Cython (above) and the
 # SIMD micro-kernels (chapter 06) are two sets with the same signatures; the skeleton calls whichever
 # set the caller picked, through these pointers (one indirect call per tile: nothing next to a tile's work).
-ctypedef void (*scores_fn)(const float *q, const float *keys, ptrdiff_t k_token_stride,
-                           ptrdiff_t k_head_stride, ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group,
+ctypedef void (*scores_fn)(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
                            ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil
 ctypedef float (*max_fn)(const float *s, ptrdiff_t n) noexcept nogil
 ctypedef float (*exp_sub_fn)(float *s, ptrdiff_t n, float m) noexcept nogil
-ctypedef void (*update_fn)(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                           ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+ctypedef void (*update_fn)(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                            ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil
 
 cdef struct TileKernels:
@@ -143,47 +229,6 @@ cdef void add_kernel_set(str name, scores_fn tile_scores, max_fn tile_max, exp_s
 
 
 add_kernel_set("cython", plain_tile_scores, plain_tile_max, plain_exp_sub, plain_tile_update)
-
-# %% book/05_compiled_kernel.ipynb #3e23438d
-# The `rows` table: where each query row's keys and values live, one line per row, in these columns.
-# Addresses and strides (in elements) let every slot's cache be read where it is, whatever array holds it.
-# A paged row (block_size > 0) keeps its tokens in blocks of a pool: token t is token t % block_size of
-# block table[t // block_size], and the block's first token is at addr + block * block_stride.
-cdef enum:
-    K_ADDR, K_TOKEN_STRIDE, K_HEAD_STRIDE, V_ADDR, V_TOKEN_STRIDE, V_HEAD_STRIDE
-    BLOCK_SIZE, BLOCK_TABLE, K_BLOCK_STRIDE, V_BLOCK_STRIDE
-ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride",
-               "block_size", "block_table", "k_block_stride", "v_block_stride")
-
-
-cdef struct KvRun:
-    const float *keys            # key of token j of the run, kv head h: keys + j * k_token_stride + h * k_head_stride
-    const float *values
-    ptrdiff_t k_token_stride, k_head_stride, v_token_stride, v_head_stride
-    ptrdiff_t n                  # tokens in the run
-
-
-cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, KvRun *run) noexcept nogil:
-    """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
-
-    Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
-    row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
-    """
-    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0
-    cdef ptrdiff_t k_block_stride = 0, v_block_stride = 0
-    run.n = stop - start
-    if block_size > 0:           # a paged row: look the block up, stop at its end
-        block = (<const Py_ssize_t *> row[BLOCK_TABLE])[start // block_size]
-        offset = start % block_size
-        run.n = min(run.n, block_size - offset)
-        k_block_stride = row[K_BLOCK_STRIDE]
-        v_block_stride = row[V_BLOCK_STRIDE]
-    run.k_token_stride = row[K_TOKEN_STRIDE]
-    run.k_head_stride = row[K_HEAD_STRIDE]
-    run.v_token_stride = row[V_TOKEN_STRIDE]
-    run.v_head_stride = row[V_HEAD_STRIDE]
-    run.keys = (<const float *> row[K_ADDR]) + block * k_block_stride + offset * run.k_token_stride
-    run.values = (<const float *> row[V_ADDR]) + block * v_block_stride + offset * run.v_token_stride
 
 # %% book/05_compiled_kernel.ipynb #41bd45a3
 cdef struct Variants:            # what real models add to plain softmax attention (chapter 09)
@@ -274,7 +319,7 @@ cdef void attend_range(const TileKernels *kernels, const Variants *variants, con
     """
     cdef ptrdiff_t num_heads = num_kv_heads * group
     cdef ptrdiff_t hq, d, t0, n, j
-    cdef KvRun run
+    cdef fd_run run
     for hq in range(num_heads):
         s.row_max[hq] = -INFINITY
         s.row_sum[hq] = 0.0
@@ -287,15 +332,13 @@ cdef void attend_range(const TileKernels *kernels, const Variants *variants, con
         j = 0
         while j < n:                      # scores (H, n), run by run
             find_run(row, t0 + j, t0 + n, &run)
-            kernels.tile_scores(s.q_scaled, run.keys, run.k_token_stride, run.k_head_stride, run.n,
-                                num_kv_heads, group, head_dim, s.scores + j, tile)
+            kernels.tile_scores(s.q_scaled, &run, num_kv_heads, group, head_dim, s.scores + j, tile)
             j = j + run.n
         softmax_tile(kernels, variants, s, n, tile, num_heads, head_dim, t0, q_position)
         j = 0
         while j < n:                      # acc += weights · V, run by run
             find_run(row, t0 + j, t0 + n, &run)
-            kernels.tile_update(s.acc, s.scores + j, tile, run.values, run.v_token_stride,
-                                run.v_head_stride, run.n, num_kv_heads, group, head_dim)
+            kernels.tile_update(s.acc, s.scores + j, tile, &run, num_kv_heads, group, head_dim)
             j = j + run.n
         t0 = t0 + n
     for hq in range(num_heads):
@@ -398,31 +441,50 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
 
 # %% book/05_compiled_kernel.ipynb #7c220a12
 # Python handles on each tile kernel, for the tests and the timings of chapter 06 (scikit-learn's
-# _dot_memview pattern). `kernels` names a set: "cython", or "simd" once chapter 06 adds it.
-def tile_scores(const float[:, ::1] q, const float[:, :, ::1] keys, str kernels="cython"):
+# _dot_memview pattern). `kernels` names a set: "cython", or "simd" once chapter 06 adds it. Keys and values
+# are C-ordered (n, Hkv, D) arrays of any storage format (FORMATS); int8 ones come with scales (n, Hkv).
+cdef fd_run handle_run(array, scales, ptrdiff_t num_kv_heads, ptrdiff_t head_dim) except *:
+    cdef fd_run run
+    if not array.flags.c_contiguous or array.dtype.name not in FORMATS or (array.dtype.name == "int8") != (scales is not None):
+        raise ValueError(f"keys and values are C-ordered {sorted(FORMATS)} arrays, int8 with scales; got {array.dtype}")
+    run.format, run.n = FORMATS[array.dtype.name], array.shape[0]
+    run.keys = run.values = <const void *> <size_t> array.__array_interface__["data"][0]
+    run.k_token_stride = run.v_token_stride = num_kv_heads * head_dim
+    run.k_head_stride = run.v_head_stride = head_dim
+    run.scale_token_stride = num_kv_heads
+    run.k_scales = run.v_scales = NULL
+    if scales is not None:
+        if scales.dtype != np.float32 or scales.shape != array.shape[:2] or not scales.flags.c_contiguous:
+            raise ValueError(f"scales must be C-ordered float32 of shape {array.shape[:2]}")
+        run.k_scales = run.v_scales = <const float *> <size_t> scales.__array_interface__["data"][0]
+    return run
+
+
+def tile_scores(const float[:, ::1] q, keys, str kernels="cython", k_scales=None):
     """scores (H, n) = q (H, D) · keys (n, Hkv, D) for each head, H a multiple of Hkv (GQA groups)."""
     cdef ptrdiff_t n = keys.shape[0], num_kv_heads = keys.shape[1], head_dim = keys.shape[2]
     if q.shape[1] != head_dim or num_kv_heads == 0 or q.shape[0] % num_kv_heads:
         raise ValueError(f"q ({q.shape[0]}, {q.shape[1]}) does not fit keys ({n}, {num_kv_heads}, {head_dim})")
+    cdef fd_run run = handle_run(keys, k_scales, num_kv_heads, head_dim)
     scores = np.zeros((q.shape[0], max(n, 1)), np.float32)
     cdef float[:, ::1] s = scores
     if n and head_dim:
-        kernel_sets[KERNEL_SETS[kernels]].tile_scores(&q[0, 0], &keys[0, 0, 0], num_kv_heads * head_dim,
-            head_dim, n, num_kv_heads, q.shape[0] // num_kv_heads, head_dim, &s[0, 0], s.shape[1])
+        kernel_sets[KERNEL_SETS[kernels]].tile_scores(&q[0, 0], &run, num_kv_heads, q.shape[0] // num_kv_heads,
+                                                      head_dim, &s[0, 0], s.shape[1])
     return scores[:, :n]
 
 
-def tile_update(float[:, ::1] acc, const float[:, ::1] weights, const float[:, :, ::1] values,
-                str kernels="cython"):
+def tile_update(float[:, ::1] acc, const float[:, ::1] weights, values, str kernels="cython", v_scales=None):
     """acc (H, D) += weights (H, n) · values (n, Hkv, D) for each head, in place."""
     cdef ptrdiff_t n = values.shape[0], num_kv_heads = values.shape[1], head_dim = values.shape[2]
     if acc.shape[1] != head_dim or weights.shape[0] != acc.shape[0] or weights.shape[1] != n \
             or num_kv_heads == 0 or acc.shape[0] % num_kv_heads:
         raise ValueError(f"acc ({acc.shape[0]}, {acc.shape[1]}), weights ({weights.shape[0]}, "
                          f"{weights.shape[1]}) and values ({n}, {num_kv_heads}, {head_dim}) do not fit")
+    cdef fd_run run = handle_run(values, v_scales, num_kv_heads, head_dim)
     if n and head_dim:
-        kernel_sets[KERNEL_SETS[kernels]].tile_update(&acc[0, 0], &weights[0, 0], n, &values[0, 0, 0],
-            num_kv_heads * head_dim, head_dim, n, num_kv_heads, acc.shape[0] // num_kv_heads, head_dim)
+        kernel_sets[KERNEL_SETS[kernels]].tile_update(&acc[0, 0], &weights[0, 0], n, &run, num_kv_heads,
+                                                      acc.shape[0] // num_kv_heads, head_dim)
 
 
 def tile_max(const float[::1] s, str kernels="cython"):
@@ -436,24 +498,33 @@ def exp_sub(float[::1] s, float m, str kernels="cython"):
 
 # %% book/06_to_the_roof.ipynb #6c7437f2
 cdef extern from "_simd.h":
-    void fd_tile_scores(const float *q, const float *keys, ptrdiff_t k_token_stride, ptrdiff_t k_head_stride,
-                        ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim,
-                        float *scores, ptrdiff_t ld) noexcept nogil
+    void fd_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
+                        ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil
     float fd_tile_max(const float *s, ptrdiff_t n) noexcept nogil
     float fd_exp_sub(float *s, ptrdiff_t n, float m) noexcept nogil
-    void fd_tile_update(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                        ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+    void fd_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                         ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil
-    void fd_dot4(const float *q0, const float *q1, const float *q2, const float *q3, const float *k0,
-                 const float *k1, const float *k2, const float *k3, ptrdiff_t n, float *s) noexcept nogil
-    void fd_dot4x3(const float *q0, const float *q1, const float *q2, const float *q3, const float *k,
-                   ptrdiff_t ks, ptrdiff_t n, float (*s)[4]) noexcept nogil
-    void fd_axpy4(float *y, const float *p, const float *x0, const float *x1, const float *x2,
-                  const float *x3, ptrdiff_t n) noexcept nogil
-    void fd_axpy4x4(float *y, ptrdiff_t ld, const float *p, ptrdiff_t ldp, const float *x0, const float *x1,
-                    const float *x2, const float *x3, ptrdiff_t n) noexcept nogil
+    void fd_dot4(int format, const float *q0, const float *q1, const float *q2, const float *q3, const void *keys,
+                 ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t k2, ptrdiff_t k3, ptrdiff_t n, float *s) noexcept nogil
+    void fd_dot4x3(int format, const float *q0, const float *q1, const float *q2, const float *q3,
+                   const void *keys, ptrdiff_t k, ptrdiff_t ks, ptrdiff_t n, float (*s)[4]) noexcept nogil
+    void fd_axpy4(int format, float *y, const float *p, const void *values, ptrdiff_t x, ptrdiff_t xs,
+                  ptrdiff_t n) noexcept nogil
+    void fd_axpy4x4(int format, float *y, ptrdiff_t ld, const float *p, ptrdiff_t ldp, const void *values,
+                    ptrdiff_t x, ptrdiff_t xs, ptrdiff_t n) noexcept nogil
+
+    int fd_f16c                              # -1 until first asked; then whether float16 uses F16C
+    int fd_has_f16c() noexcept nogil
 
 add_kernel_set("simd", fd_tile_scores, fd_tile_max, fd_exp_sub, fd_tile_update)
+
+
+def use_f16c(bint wanted=True):
+    """Read float16 with the F16C instruction (when the CPU has it) or with the integer conversion: a switch
+    for the tests, so that both paths run on any CPU. Returns whether F16C is now used."""
+    global fd_f16c
+    fd_f16c = fd_has_f16c() if wanted else 0
+    return bool(fd_f16c)
 
 # %% book/06_to_the_roof.ipynb #9cd4837d
 # Handles on the micro-kernels inside the SIMD tile kernels, each tested against numpy (tests/test_simd.py).
@@ -463,7 +534,8 @@ def dot4(const float[:, ::1] q, const float[:, ::1] k):
         raise ValueError("dot4 takes q and k of shape (4, D)")
     result = np.zeros(4, np.float32)
     cdef float[::1] s = result
-    fd_dot4(&q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], &k[1, 0], &k[2, 0], &k[3, 0], q.shape[1], &s[0])
+    fd_dot4(FD_F32, &q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], 0, k.shape[1], 2 * k.shape[1],
+            3 * k.shape[1], q.shape[1], &s[0])
     return result
 
 
@@ -473,7 +545,8 @@ def dot4x3(const float[:, ::1] q, const float[:, ::1] k):
         raise ValueError("dot4x3 takes q of shape (4, D) and k of shape (3, D)")
     result = np.zeros((3, 4), np.float32)
     cdef float[:, ::1] s = result
-    fd_dot4x3(&q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], k.shape[1], k.shape[1], <float (*)[4]> &s[0, 0])
+    fd_dot4x3(FD_F32, &q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], 0, k.shape[1], k.shape[1],
+              <float (*)[4]> &s[0, 0])
     return result
 
 
@@ -481,11 +554,11 @@ def axpy4(float[::1] y, const float[::1] p, const float[:, ::1] x):
     """y (D,) += Σ_r p[r] · x[r] over four value rows x (4, D), in place."""
     if p.shape[0] != 4 or x.shape[0] != 4 or x.shape[1] != y.shape[0]:
         raise ValueError("axpy4 takes y (D,), p (4,) and x (4, D)")
-    fd_axpy4(&y[0], &p[0], &x[0, 0], &x[1, 0], &x[2, 0], &x[3, 0], y.shape[0])
+    fd_axpy4(FD_F32, &y[0], &p[0], &x[0, 0], 0, x.shape[1], y.shape[0])
 
 
 def axpy4x4(float[:, ::1] y, const float[:, ::1] p, const float[:, ::1] x):
     """y (4, D) += p (4, 4) · x (4, D): four heads' accumulators, four value rows, in place."""
     if y.shape[0] != 4 or p.shape[0] != 4 or p.shape[1] != 4 or x.shape[0] != 4 or x.shape[1] != y.shape[1]:
         raise ValueError("axpy4x4 takes y (4, D), p (4, 4) and x (4, D)")
-    fd_axpy4x4(&y[0, 0], y.shape[1], &p[0, 0], 4, &x[0, 0], &x[1, 0], &x[2, 0], &x[3, 0], y.shape[1])
+    fd_axpy4x4(FD_F32, &y[0, 0], y.shape[1], &p[0, 0], 4, &x[0, 0], 0, x.shape[1], y.shape[1])

@@ -50,19 +50,28 @@ def plan_work(kv_lens, num_threads, split_size=None, kv_starts=None):
 
 # %% book/05_compiled_kernel.ipynb #02ec1e79
 def kernel_ready(x):
-    """`x` as float32 with a contiguous, aligned last axis: itself when it already is (no copy)."""
-    if x.dtype == np.float32 and x.flags.aligned and x.strides[-1] == x.itemsize \
+    """`x` as an array the kernel reads in place — float32, float16 or bfloat16 (chapter 08) with a contiguous,
+    aligned last axis: itself when it already is (no copy), else a float32 copy."""
+    if x.dtype.name in ("float32", "float16", "bfloat16") and x.flags.aligned and x.strides[-1] == x.itemsize \
             and all(s % x.itemsize == 0 for s in x.strides):
         return x
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def kv_row(k, v):
-    """The kernel's `rows` line for keys k and values v (L, Hkv, D), each in one array: addresses and
-    strides in elements, and no blocks (the last four columns are for paged caches, chapter 07)."""
-    return (k.__array_interface__["data"][0], k.strides[0] // k.itemsize, k.strides[1] // k.itemsize,
-            v.__array_interface__["data"][0], v.strides[0] // v.itemsize, v.strides[1] // v.itemsize,
-            0, 0, 0, 0)
+def address(x):
+    return x.__array_interface__["data"][0]
+
+
+def kv_row(k, v, scales=None):
+    """The kernel's `rows` line for keys k and values v (L, Hkv, D), each in one array of the same format:
+    addresses, strides in elements, the format; int8 arrays come with (key, value) scales (L, Hkv). The four
+    block columns are for paged caches (chapter 07)."""
+    row = [address(k), k.strides[0] // k.itemsize, k.strides[1] // k.itemsize,
+           address(v), v.strides[0] // v.itemsize, v.strides[1] // v.itemsize, 0, 0, 0, 0,
+           _kernels.FORMATS[k.dtype.name], 0, 0, 0, 0]
+    if scales is not None:
+        row[11:14] = address(scales[0]), address(scales[1]), scales[0].strides[0] // scales[0].itemsize
+    return tuple(row)
 
 
 def check_threads(name, value):
@@ -148,14 +157,18 @@ def batch_rows(slots, counts):
     (rows table, each row's query position, the converted arrays to keep alive, Hkv)."""
     slot_rows = np.zeros((len(slots), len(_kernels.ROW_COLUMNS)), np.intp)
     num_kv_heads, alive = 1, []                    # `alive` keeps converted arrays until the kernel returns
-    for b, (position, k, v) in enumerate(slots):
-        if position:
+    for b, (position, k, v, *scales) in enumerate(slots):
+        if position and scales:               # int8, as stored (chapter 08): the arrays and their scales
+            slot_rows[b], num_kv_heads = kv_row(k, v, scales), k.shape[1]
+        elif position:
             k, v = kernel_ready(k[:position]), kernel_ready(v[:position])
+            if k.dtype != v.dtype:            # one format per row: a mixed pair is read as float32
+                k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (k, v))
             alive += (k, v)
             slot_rows[b], num_kv_heads = kv_row(k, v), k.shape[1]
     slot_of_row = np.repeat(np.arange(len(slots)), counts)
     row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
-    positions = np.array([position for position, _, _ in slots], np.intp)
+    positions = np.array([slot[0] for slot in slots], np.intp)
     q_positions = positions[slot_of_row] - counts[slot_of_row] + row_in_slot
     return slot_rows[slot_of_row], q_positions, alive, num_kv_heads
 
@@ -180,9 +193,9 @@ def batched_flash_attention(q_batch, kv_view, softmax_scale=None, *, return_lse=
                                              query_lens=query_lens, **variants)
     one_row_per_slot = query_lens is None
     if is_paged(kv_view):                      # a paged view (chapter 07): its pools, read through block tables
-        q_batch, key_pool, value_pool, slots = check_paged_batch(q_batch, kv_view, one_row_per_slot)
+        q_batch, key_pool, value_pool, slots = check_paged_batch(q_batch, kv_view, one_row_per_slot, read_int8=True)
     else:
-        q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot)
+        q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot, read_int8=True)
     counts = check_query_lens(query_lens, [slot[0] for slot in slots], len(q_batch))
     scale = check_scale(softmax_scale, q_batch.shape[2])
     window_left, softcap, alibi_slopes, sinks = check_variants(q_batch.shape[1], **variants)
@@ -219,9 +232,11 @@ def paged_batch_rows(key_pool, value_pool, slots, counts):
     Returns (rows, query positions, arrays to keep alive, Hkv) like batch_rows. A pool the kernel cannot
     read in place (not float32, or its head dimension not contiguous) is read through gathered copies of
     each slot's tokens instead: never a copy of the whole pool."""
+    key_pool, key_scales = key_pool if isinstance(key_pool, tuple) else (key_pool, None)   # int8: chapter 08
+    value_pool, value_scales = value_pool if isinstance(value_pool, tuple) else (value_pool, None)
     if not len(key_pool):                                            # an empty pool: every slot is empty
         return batch_rows([(0, None, None)] * len(slots), counts)
-    if kernel_ready(key_pool) is not key_pool or kernel_ready(value_pool) is not value_pool:
+    if key_scales is None and (kernel_ready(key_pool) is not key_pool or kernel_ready(value_pool) is not value_pool):
         gathered = [(position, *(gather_tokens(pool, table, position) for pool in (key_pool, value_pool)))
                     for position, table in slots]
         return batch_rows(gathered, counts)
@@ -229,9 +244,12 @@ def paged_batch_rows(key_pool, value_pool, slots, counts):
     slot_rows = np.zeros((len(slots), len(_kernels.ROW_COLUMNS)), np.intp)
     tables = [np.ascontiguousarray(table, dtype=np.intp) for _, table in slots]
     for b, table in enumerate(tables):
-        slot_rows[b, :6] = kv_row(key_pool[0], value_pool[0])[:6]            # addresses and token/head strides
-        slot_rows[b, 6:] = (key_pool.shape[1], table.__array_interface__["data"][0],
-                            key_pool.strides[0] // itemsize, value_pool.strides[0] // itemsize)
+        slot_rows[b] = kv_row(key_pool[0], value_pool[0],                   # addresses, strides, format
+                              None if key_scales is None else (key_scales[0], value_scales[0]))
+        slot_rows[b, 6:10] = (key_pool.shape[1], address(table),              # the block columns
+                              key_pool.strides[0] // itemsize, value_pool.strides[0] // itemsize)
+        if key_scales is not None:
+            slot_rows[b, 14] = key_scales.strides[0] // key_scales.itemsize
     positions = np.array([position for position, _ in slots], np.intp)
     slot_of_row = np.repeat(np.arange(len(slots)), counts)
     row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]

@@ -8,8 +8,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from flashdecode.batching import BatchedKvView
-from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_scale
+from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_int8_pools, check_scale
 from flashdecode.online import online_softmax_step
+from flashdecode.storage import dequantize_int8, storage_dtype, store_tokens
 
 # %% book/07_paged_cache.ipynb #c88c7832
 class BlockPool:
@@ -23,14 +24,11 @@ class BlockPool:
         shape = tuple(check_count(name, value, minimum) for name, value, minimum in [
             ("num_blocks", num_blocks, 0), ("block_size", block_size, 1),
             ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1)])
-        try:
-            kind = np.dtype(dtype).kind
-        except TypeError:                   # not a dtype at all, e.g. "floaty"
-            kind = None
-        if kind != "f":
-            raise AttentionError(f"dtype must be a real float type (float16, float32, float64); got {dtype!r}")
+        dtype = storage_dtype(dtype)              # float32, float16, bfloat16 or int8: chapter 08
         self.keys = np.zeros(shape, dtype)
         self.values = np.zeros_like(self.keys)
+        # int8 keeps a float32 scale per token and kv head, in pools of their own (chapter 08)
+        self.scales = None if dtype != np.int8 else tuple(np.zeros(shape[:3], np.float32) for _ in "kv")
         self.ref_counts = np.zeros(shape[0], np.int64)
         # a stack: the block freed last is reused first (its memory is the likeliest to still be in cache);
         # reversed so that a fresh pool hands out blocks 0, 1, 2, ...
@@ -74,8 +72,8 @@ class BlockPool:
     def copy_on_write(self, block, tokens):
         """A private copy of a shared block's first `tokens` tokens, for a holder about to write into it."""
         copy, = self.take(1)
-        self.keys[copy, :tokens] = self.keys[block, :tokens]
-        self.values[copy, :tokens] = self.values[block, :tokens]
+        for array in (self.keys, self.values) + (self.scales or ()):
+            array[copy, :tokens] = array[block, :tokens]
         self.release([block])
         return copy
 
@@ -138,8 +136,7 @@ class PagedKvCache(BlockPool):
         table.extend(self.take(new_blocks))
         token = np.arange(start, stop)
         blocks = np.asarray(table, dtype=np.intp)[token // self.block_size]
-        self.keys[blocks, token % self.block_size] = k
-        self.values[blocks, token % self.block_size] = v
+        store_tokens(self.keys, self.values, self.scales, (blocks, token % self.block_size), k, v)
         self.positions[seq] = stop
 
     def fork(self, seq):
@@ -217,16 +214,25 @@ class PagedKvView:
     def block_table(self, slot):
         return self.tables[slot]
 
+    def kv_scale_pools(self):
+        """An int8 cache's scale pools (num_blocks, block_size, Hkv), or None (chapter 08)."""
+        return self.cache.scales
+
     def kv_for_slot(self, slot):
-        """The slot's first position(slot) tokens, gathered out of the pool: a copy (the kernel never calls it)."""
+        """The slot's first position(slot) tokens, gathered out of the pool: a copy (the kernel never calls it);
+        float32 numbers for an int8 cache."""
         table, position = self.tables[slot], self.positions[slot]
-        return gather_tokens(self.cache.keys, table, position), gather_tokens(self.cache.values, table, position)
+        k, v = (gather_tokens(pool, table, position) for pool in (self.cache.keys, self.cache.values))
+        if self.cache.scales is None:
+            return k, v
+        return tuple(dequantize_int8(x, gather_tokens(scales, table, position)) for x, scales in zip((k, v), self.cache.scales))
 
 # %% book/07_paged_cache.ipynb #8eda29cc
-def check_paged_batch(q_batch, view, one_row_per_slot=True):
+def check_paged_batch(q_batch, view, one_row_per_slot=True, read_int8=False):
     """Validate a call on a paged view. Returns (q_batch, key_pool, value_pool, [(position, table) per slot]),
     each table cut to the ceil(position / block_size) entries the slot reads, as intp. With
-    one_row_per_slot=False the rows of q_batch are left to check_query_lens."""
+    one_row_per_slot=False the rows of q_batch are left to check_query_lens. An int8 view (kv_scale_pools,
+    chapter 08) is read as stored only with read_int8=True; the pools then come as (keys, scales) pairs."""
     q_batch = as_float_array("q_batch", q_batch, "(B, H, D)")
     batch_size, num_heads, head_dim = q_batch.shape
     if num_heads == 0 or head_dim == 0:
@@ -243,7 +249,15 @@ def check_paged_batch(q_batch, view, one_row_per_slot=True):
     if not isinstance(pools, tuple) or len(pools) != 2:
         raise AttentionError(f"view.kv_pools() must return (key_pool, value_pool); got {type(pools).__name__}")
     wanted = f"(num_blocks, block_size, Hkv, {head_dim})"
-    key_pool, value_pool = as_float_array("key pool", pools[0], wanted), as_float_array("value pool", pools[1], wanted)
+    scale_pools = view.kv_scale_pools() if callable(getattr(view, "kv_scale_pools", None)) else None
+    if scale_pools is not None:
+        if not read_int8:
+            raise AttentionError("an int8 paged view is read by batched_flash_attention (or through kv_for_slot's "
+                                 "float32 copies); this function reads float pools only")
+        key_pool, value_pool = check_int8_pools(pools, scale_pools, head_dim)
+    else:
+        key_pool = as_float_array("key pool", pools[0], wanted)
+        value_pool = as_float_array("value pool", pools[1], wanted)
     if key_pool.shape != value_pool.shape or key_pool.shape[1] == 0:
         raise AttentionError(f"key and value pools must have the same shape {wanted} with block_size >= 1; "
                              f"got {key_pool.shape} and {value_pool.shape}")
@@ -265,6 +279,8 @@ def check_paged_batch(q_batch, view, one_row_per_slot=True):
             raise AttentionError(f"view.block_table({b}) names block {outside} outside the pool: wanted ids in "
                                  f"[0, {num_blocks})")
         slots.append((position, table.astype(np.intp, copy=False)))
+    if scale_pools is not None:
+        key_pool, value_pool = (key_pool, scale_pools[0]), (value_pool, scale_pools[1])
     return q_batch, key_pool, value_pool, slots
 
 
