@@ -48,12 +48,8 @@ typedef int fd_i8 __attribute__((vector_size(32)));
     fd_v8 b23_ = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15); \
     FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
 
-// %% book/06_to_the_roof.ipynb #785c6045
-/* The one place a key or value vector becomes float32 lanes, for each storage format (chapter 08): bfloat16
-   by a 16-bit shift (it is the top half of a float32), int8 by widening to int32 then converting (its
-   scale is applied by the caller, once per key or value row), float16 by moving its exponent and mantissa
-   bits into float32's places (below). `format` is a constant in every caller, so the switch folds away and
-   each format gets its own copy of the loops. Offsets i are in elements. */
+// %% book/06_to_the_roof.ipynb #785b98bb
+/* float16 in SIMD registers, two ways (the loads below pick one per CPU). */
 typedef unsigned short fd_u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef signed char fd_s8x8 __attribute__((vector_size(8), aligned(1), may_alias));
 typedef unsigned int fd_u32x8 __attribute__((vector_size(32)));
@@ -102,6 +98,12 @@ static int fd_has_f16c(void) {
 #endif
 }
 
+// %% book/06_to_the_roof.ipynb #785c6045
+/* The one place a key or value vector becomes float32 lanes, for each storage format (chapter 08): bfloat16
+   by a 16-bit shift (it is the top half of a float32), int8 by widening to int32 then converting (its
+   scale is applied by the caller, once per key or value row), float16 by F16C or by moving its bits into
+   float32's places (above). `format` is a constant in every caller, so the switch folds away and
+   each format gets its own copy of the loops. Offsets i are in elements. */
 FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
     switch (format) {
     case FD_F16C: return fd_half8_f16c((const unsigned short *) base + i);
