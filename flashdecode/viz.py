@@ -529,3 +529,84 @@ def pool_frames(explorer, steps):
     for ax in axes[len(steps):]:
         ax.set_visible(False)
     return figure
+
+# %% book/A1_drawing_the_explorers.ipynb #a1eng001
+from matplotlib.colors import ListedColormap
+
+from flashdecode.serve import DECODE, IDLE, PREFILL, WAITING, engine_timeline, step_summary
+
+TIMELINE_COLOURS = {IDLE: "white", WAITING: "0.85", PREFILL: "C1", DECODE: "C0"}
+
+
+class TimelinePanels:
+    """The engine's timeline (ax_grid) and its pool over the steps (ax_blocks), with a cursor on each.
+    `show(step)` moves the cursors; `artists["cursor"]` is the timeline's."""
+
+    def __init__(self, ax_grid, ax_blocks, engine):
+        self.engine, self.grid = engine, engine_timeline(engine)
+        steps, ids = self.grid.shape[1], sorted(engine.outputs)
+        colours = ListedColormap([TIMELINE_COLOURS[code] for code in (IDLE, WAITING, PREFILL, DECODE)])
+        ax_grid.imshow(self.grid, cmap=colours, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest",
+                       extent=(-0.5, steps - 0.5, len(ids) - 0.5, -0.5))
+        ax_grid.set_yticks(range(len(ids)), [f"r{rid}" for rid in ids], fontsize=7)
+        ax_grid.set_ylabel("request")
+        ax_grid.legend(handles=[Patch(facecolor=TIMELINE_COLOURS[code], edgecolor="0.6", label=label) for code, label
+                                in ((WAITING, "waiting"), (PREFILL, "prefill rows"), (DECODE, "decode row"))],
+                       loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        history = engine.history
+        pool = engine.caches.num_blocks
+        ax_blocks.plot([r.blocks_in_use for r in history], color="C2", label="blocks in use")
+        ax_blocks.plot([r.blocks_reserved for r in history], color="C2", ls="--", lw=0.8, label="reserved")
+        ax_blocks.axhline(pool, color="k", lw=0.8, label=f"pool ({pool})")
+        ax_blocks.set(xlim=(-0.5, steps - 0.5), ylim=(0, pool * 1.08), xlabel="step", ylabel="blocks")
+        ax_blocks.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        self.artists = {"cursor": ax_grid.axvline(0, color="k", lw=1.5),
+                        "pool_cursor": ax_blocks.axvline(0, color="k", lw=1.5)}
+
+    def show(self, step):
+        for name in ("cursor", "pool_cursor"):
+            self.artists[name].set_xdata([step, step])
+
+# %% book/A1_drawing_the_explorers.ipynb #a1eng002
+class EngineExplorer(Explorer):
+    """Step through a finished engine run: which requests run at each step (prefill or decode rows) and the
+    block pool filling and emptying. Controls: `step` (slider) and `play`; read back `artists`, `readout`."""
+
+    def __init__(self, engine, dpi=72):
+        self.engine = engine
+        last = len(engine.history) - 1
+        self.step = slider(widgets.IntSlider, 0, 0, last, "step", layout=widgets.Layout(width="560px"))
+        self.play = widgets.Play(value=0, min=0, max=last, interval=400, description="play")
+        widgets.link((self.play, "value"), (self.step, "value"))
+        figure = Figure(figsize=(9, 2.2 + 0.16 * len(engine.outputs)), dpi=dpi)
+        ax_grid, ax_blocks = figure.subplots(2, 1, sharex=True, height_ratios=[2.2, 1])
+        figure.subplots_adjust(left=0.08, right=0.8, top=0.97, bottom=0.1, hspace=0.08)
+        self.panels = TimelinePanels(ax_grid, ax_blocks, engine)
+        self.artists = self.panels.artists
+        super().__init__(figure, [[self.play, self.step]], moving=list(self.artists.values()))
+        self.watch([self.step], self.redraw)
+        self.redraw()
+
+    def update(self):
+        step = self.step.value
+        self.panels.show(step)
+        return f"<b>step {step} of {len(self.engine.history) - 1}</b> · " + \
+            step_summary(self.engine.history[step], self.engine.caches.num_blocks)
+
+    def summary(self):
+        return f"{len(self.engine.outputs)} requests in {len(self.engine.history)} steps"
+
+
+def engine_frames(explorer, steps):
+    """Static frames: the timeline and the pool with the cursor at each of `steps`, one row per step."""
+    engine = explorer.engine
+    figure = Figure(figsize=(10, len(steps) * (1.6 + 0.12 * len(engine.outputs))), dpi=72)
+    axes = figure.subplots(len(steps), 2, squeeze=False, width_ratios=[1.6, 1])
+    figure.subplots_adjust(left=0.06, right=0.86, top=0.95, bottom=0.05, hspace=0.5, wspace=0.55)
+    for (ax_grid, ax_blocks), step in zip(axes, steps):
+        TimelinePanels(ax_grid, ax_blocks, engine).show(step)
+        record = engine.history[step]
+        ax_grid.set_title(f"step {step}: {len(record.rows)} sequences, "
+                          f"{sum(n for *_, n in record.rows)} rows, {record.waiting} waiting", fontsize=9)
+        ax_blocks.set_title(f"{record.blocks_in_use} of {engine.caches.num_blocks} blocks in use", fontsize=9)
+    return figure
