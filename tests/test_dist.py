@@ -4,7 +4,10 @@ shard is an AttentionError naming it within the timeout, never a hang or a parti
 One local Ray (two CPUs) for the whole module, shut down at the end, with a check that its processes are gone.
 Ray is in the dev extra: this module never skips itself.
 """
+import contextlib
+import io
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -216,3 +219,12 @@ def test_tree_merge_and_placement_without_ray():
     assert step_traffic_bytes(2, 32, 128) == (2 * 32 * 128 * 4, 2 * 32 * 129 * 4)
     with pytest.raises(AttentionError, match=r"do not fit"):
         place_tokens(0, 9, [3, 5])
+
+
+def test_readme_example_runs(local_ray):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "flashdecode.dist" in block)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})
+    assert printed.getvalue().strip() == "[2500 2500] True"
