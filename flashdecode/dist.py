@@ -147,8 +147,8 @@ class ShardSet:
     """The shards' actors and the driver's table of tokens per shard and slot (part of ShardedKvCache)."""
 
     def __init__(self, num_slots, capacity, num_kv_heads, head_dim, *, num_shards=2, shard_by="sequence",
-                 block_size=None, timeout=30.0, dtype=np.float32, storage=KvCache, num_threads=1,
-                 actor_options=None):
+                 block_size=None, timeout=30.0, start_timeout=120.0, dtype=np.float32, storage=KvCache,
+                 num_threads=1, actor_options=None):
         self.num_slots = check_count("num_slots", num_slots)
         self.num_kv_heads = check_count("num_kv_heads", num_kv_heads, 1)
         self.head_dim = check_count("head_dim", head_dim, 1)
@@ -165,9 +165,11 @@ class ShardSet:
         self.capacities = [check_count(f"capacity[{s}]", c) for s, c in enumerate(capacities)]
         self.shard_by = shard_by
         self.block_size = None if block_size is None else check_count("block_size", block_size, 1)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise AttentionError(f"timeout must be a positive number of seconds; got {timeout!r}")
-        self.timeout, self.dtype, self.storage, self.num_threads = float(timeout), dtype, storage, num_threads
+        for name, seconds in (("timeout", timeout), ("start_timeout", start_timeout)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+                raise AttentionError(f"{name} must be a positive number of seconds; got {seconds!r}")
+        self.timeout, self.start_timeout = float(timeout), float(start_timeout)
+        self.dtype, self.storage, self.num_threads = dtype, storage, num_threads
         heads = np.array_split(np.arange(self.num_kv_heads), self.num_shards if shard_by == "head" else 1)
         self.head_bounds = [int(h[0]) for h in heads] + [self.num_kv_heads]   # shard s: [bounds[s], bounds[s+1])
         self.positions = np.zeros((self.num_shards, self.num_slots), np.int64)  # tokens per shard and slot
@@ -176,8 +178,12 @@ class ShardSet:
         self.actors = [self._start(s) for s in range(self.num_shards)]
         self.snapshots = [None] * self.num_shards    # per shard: its last snapshot (an object reference) ...
         self.log = [[] for _ in range(self.num_shards)]  # ... and the calls made to it since
-        gather(self.ray, [a.__ray_ready__.remote() for a in self.actors], range(self.num_shards),
-               self.timeout, "starting the shards")
+        try:                                             # a new worker process: slower than a step
+            gather(self.ray, [a.__ray_ready__.remote() for a in self.actors], range(self.num_shards),
+                   self.start_timeout, "starting the shards")
+        except AttentionError:
+            self.close()
+            raise
 
     def _start(self, s, cache=None):
         heads = self.num_kv_heads if self.shard_by == "sequence" else self.head_bounds[s + 1] - self.head_bounds[s]
@@ -293,12 +299,14 @@ class ShardedKvCache(ShardSteps):
     """A KV cache sharded over Ray actors, by sequence (tokens) or by head (kv heads).
 
     ShardedKvCache(num_slots, capacity, num_kv_heads, head_dim, *, num_shards=2, shard_by="sequence",
-    block_size=None, timeout=30.0, dtype=np.float32, storage=KvCache, num_threads=1, actor_options=None).
+    block_size=None, timeout=30.0, start_timeout=120.0, dtype=np.float32, storage=KvCache, num_threads=1,
+    actor_options=None).
     The calls of KvCache — append(slot, k, v), position(slot), reset(slot) — then decode(q_batch, slots) for
     one decode step computed where the shards are, snapshot() and restore(shard) for failures, close().
     capacity: tokens per slot in each shard (an int, or one per shard when sharding by sequence: uneven
     shards). block_size: None fills the shards in order; an int deals blocks of that many tokens
-    round-robin. timeout: seconds any call may wait for the shards before AttentionError naming them.
+    round-robin. timeout: seconds a step, append or reset may wait for the shards before AttentionError
+    naming them; start_timeout: the same for starting (or restoring) a shard's actor, a new process.
     storage: the cache class each shard holds (see ShardWorker); num_threads: the kernel's threads in each
     shard; actor_options: Ray's options for the actors (default {"num_cpus": 0}). Starts a local Ray
     (start_local_ray) unless one is running.
@@ -319,7 +327,7 @@ class ShardedKvCache(ShardSteps):
         self.actors[shard] = self._start(shard, self.snapshots[shard])
         log, self.log[shard] = self.log[shard], []
         refs = [self.actors[shard].__ray_ready__.remote()] + [self._call(shard, m, *args) for m, args in log]
-        gather(self.ray, refs, [shard] * len(refs), self.timeout, f"restoring shard {shard}")
+        gather(self.ray, refs, [shard] * len(refs), self.start_timeout, f"restoring shard {shard}")
 
 # %% book/12_beyond_one_machine.ipynb #0fa923a8
 def step_traffic_bytes(batch, num_heads, head_dim, itemsize=4):
