@@ -17,6 +17,7 @@ from flashdecode.api import batched_flash_attention, flash_attention_forward, ge
 from flashdecode.batching import BatchedKvView, KvCache, KvSlot, ListKvView  # noqa: E402
 from flashdecode.checks import AttentionError  # noqa: E402
 from flashdecode.naive import attention_reference  # noqa: E402
+from flashdecode.paged import PagedKvCache  # noqa: E402
 from flashdecode.tiling import merge_states  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "KvCache",
     "KvSlot",
     "ListKvView",
+    "PagedKvCache",
     "attention_reference",
     "batched_flash_attention",
     "flash_attention_forward",

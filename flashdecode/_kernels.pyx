@@ -6,9 +6,9 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport INFINITY, expf, logf
+from libc.math cimport INFINITY, expf, fabsf, logf, tanhf
 from libc.stddef cimport ptrdiff_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from "_openmp.h":
     int fd_has_openmp() noexcept nogil
@@ -43,48 +43,136 @@ def last_team_size():
     """How many threads the last attend() call actually ran on (for tests and the benchmark chapter)."""
     return last_team
 
+# %% book/05_compiled_kernel.ipynb #3e23438d
+cdef extern from "_run.h":
+    enum:
+        FD_F32, FD_F16, FD_BF16, FD_I8
+    ctypedef struct fd_run:
+        const void *keys
+        const void *values
+        const float *k_scales
+        const float *v_scales
+        ptrdiff_t k_token_stride, k_head_stride, v_token_stride, v_head_stride, scale_token_stride
+        ptrdiff_t n
+        int format
+
+
+# The `rows` table: where each query row's keys and values live, one line per row, in these columns.
+# Addresses and strides (in elements) let every slot's cache be read where it is, whatever array holds it.
+# A paged row (block_size > 0) keeps its tokens in blocks of a pool: token t is token t % block_size of
+# block table[t // block_size], and the block's first token is at addr + block * block_stride. An int8 row
+# (chapter 08) has a float32 scale per token and kv head, in arrays laid out like its keys.
+cdef enum:
+    K_ADDR, K_TOKEN_STRIDE, K_HEAD_STRIDE, V_ADDR, V_TOKEN_STRIDE, V_HEAD_STRIDE
+    BLOCK_SIZE, BLOCK_TABLE, K_BLOCK_STRIDE, V_BLOCK_STRIDE
+    FORMAT, K_SCALE_ADDR, V_SCALE_ADDR, SCALE_TOKEN_STRIDE, SCALE_BLOCK_STRIDE
+ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride",
+               "block_size", "block_table", "k_block_stride", "v_block_stride",
+               "format", "k_scale_addr", "v_scale_addr", "scale_token_stride", "scale_block_stride")
+FORMATS = {"float32": FD_F32, "float16": FD_F16, "bfloat16": FD_BF16, "int8": FD_I8}
+
+
+cdef inline ptrdiff_t element_bytes(Py_ssize_t format) noexcept nogil:
+    return 4 if format == FD_F32 else (1 if format == FD_I8 else 2)
+
+
+cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, fd_run *run) noexcept nogil:
+    """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
+
+    Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
+    row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
+    """
+    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0, size = element_bytes(row[FORMAT])
+    cdef ptrdiff_t k_first, v_first, scale_first
+    run.n = stop - start
+    if block_size > 0:           # a paged row: look the block up, stop at its end
+        block = (<const Py_ssize_t *> row[BLOCK_TABLE])[start // block_size]
+        offset = start % block_size
+        run.n = min(run.n, block_size - offset)
+    run.format = <int> row[FORMAT]
+    run.k_token_stride = row[K_TOKEN_STRIDE]
+    run.k_head_stride = row[K_HEAD_STRIDE]
+    run.v_token_stride = row[V_TOKEN_STRIDE]
+    run.v_head_stride = row[V_HEAD_STRIDE]
+    run.scale_token_stride = row[SCALE_TOKEN_STRIDE]
+    k_first = block * row[K_BLOCK_STRIDE] + offset * run.k_token_stride         # in elements
+    v_first = block * row[V_BLOCK_STRIDE] + offset * run.v_token_stride
+    scale_first = block * row[SCALE_BLOCK_STRIDE] + offset * run.scale_token_stride
+    run.keys = (<const char *> row[K_ADDR]) + k_first * size
+    run.values = (<const char *> row[V_ADDR]) + v_first * size
+    run.k_scales = run.v_scales = NULL
+    if row[FORMAT] == FD_I8:
+        run.k_scales = (<const float *> row[K_SCALE_ADDR]) + scale_first
+        run.v_scales = (<const float *> row[V_SCALE_ADDR]) + scale_first
+
 # %% book/05_compiled_kernel.ipynb #d6ed0f96
-cdef inline float load_kv(const float *kv_row, ptrdiff_t i) noexcept nogil:
-    """Element i of a key or value row, as float32: the one place the plain kernels read the cache."""
-    return kv_row[i]
+from libc.stdint cimport int8_t, uint16_t, uint32_t
 
 
-cdef void plain_tile_scores(const float *q, const float *keys, ptrdiff_t k_token_stride,
-                            ptrdiff_t k_head_stride, ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group,
+cdef inline float bits_to_float(uint32_t bits) noexcept nogil:
+    cdef float value
+    memcpy(&value, &bits, sizeof(float))
+    return value
+
+
+cdef inline float half_to_float(uint16_t h) noexcept nogil:
+    """IEEE float16 -> float32, exactly: zero and subnormals, normals, inf and NaN."""
+    cdef uint32_t sign = <uint32_t> (h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF
+    if exponent == 0:                          # zero or subnormal: mantissa · 2^-24
+        return bits_to_float(sign) + (-1.0 if sign else 1.0) * mantissa * 5.9604644775390625e-08
+    if exponent == 31:                         # inf or NaN
+        return bits_to_float(sign | 0x7F800000 | (mantissa << 13))
+    return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13))
+
+
+cdef inline float load_kv(const void *base, int format, ptrdiff_t i) noexcept nogil:
+    """Element i of a key or value array as float32: the one place the plain kernels read the cache.
+    bfloat16 is the top half of a float32; int8 is scaled by the caller, once per row."""
+    if format == FD_F16:
+        return half_to_float((<const uint16_t *> base)[i])
+    if format == FD_BF16:
+        return bits_to_float(<uint32_t> (<const uint16_t *> base)[i] << 16)
+    if format == FD_I8:
+        return <float> (<const int8_t *> base)[i]
+    return (<const float *> base)[i]
+
+
+cdef void plain_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
                             ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil:
-    """scores[hq * ld + j] = q_hq · key(j, hq // group) for the n keys of a tile; q is already scaled.
+    """scores[hq * ld + j] = q_hq · key(j, hq // group) for the run's n keys; q is already scaled.
 
     Tokens in memory order; each key row serves the `group` query heads that share it while it is in L1.
     """
-    cdef ptrdiff_t j, h, hq, d
-    cdef const float *key
-    cdef float dot
-    for j in range(n):
+    cdef ptrdiff_t j, h, hq, d, key
+    cdef float dot, scale = 1.0
+    for j in range(run.n):
         for h in range(num_kv_heads):
-            key = keys + j * k_token_stride + h * k_head_stride
+            key = j * run.k_token_stride + h * run.k_head_stride
+            if run.format == FD_I8:
+                scale = run.k_scales[j * run.scale_token_stride + h]
             for hq in range(h * group, (h + 1) * group):
                 dot = 0.0
                 for d in range(head_dim):
-                    dot = dot + q[hq * head_dim + d] * load_kv(key, d)
-                scores[hq * ld + j] = dot
+                    dot = dot + q[hq * head_dim + d] * load_kv(run.keys, run.format, key + d)
+                scores[hq * ld + j] = dot * scale
 
 
-cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                            ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                             ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil:
-    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the n tokens of a tile.
+    """acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq // group) over the run's n tokens.
 
     Heads in order, so the `group` heads sharing a value row use it one after the other, while it is in L1.
     """
-    cdef ptrdiff_t j, hq, d
-    cdef const float *value
+    cdef ptrdiff_t j, hq, d, value
     cdef float weight
-    for j in range(n):
+    for j in range(run.n):
         for hq in range(num_kv_heads * group):
-            value = values + j * v_token_stride + (hq // group) * v_head_stride
+            value = j * run.v_token_stride + (hq // group) * run.v_head_stride
             weight = weights[hq * ld + j]
+            if run.format == FD_I8:
+                weight = weight * run.v_scales[j * run.scale_token_stride + hq // group]
             for d in range(head_dim):
-                acc[hq * head_dim + d] += weight * load_kv(value, d)
+                acc[hq * head_dim + d] += weight * load_kv(run.values, run.format, value + d)
 
 # %% book/05_compiled_kernel.ipynb #2114dd39
 cdef float plain_tile_max(const float *s, ptrdiff_t n) noexcept nogil:
@@ -110,13 +198,11 @@ cdef float plain_exp_sub(float *s, ptrdiff_t n, float m) noexcept nogil:
 # A set of tile kernels: the four jobs the skeleton hands out for every tile. Plain Cython (above) and the
 # SIMD micro-kernels (chapter 06) are two sets with the same signatures; the skeleton calls whichever
 # set the caller picked, through these pointers (one indirect call per tile: nothing next to a tile's work).
-ctypedef void (*scores_fn)(const float *q, const float *keys, ptrdiff_t k_token_stride,
-                           ptrdiff_t k_head_stride, ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group,
+ctypedef void (*scores_fn)(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
                            ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil
 ctypedef float (*max_fn)(const float *s, ptrdiff_t n) noexcept nogil
 ctypedef float (*exp_sub_fn)(float *s, ptrdiff_t n, float m) noexcept nogil
-ctypedef void (*update_fn)(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                           ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+ctypedef void (*update_fn)(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                            ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil
 
 cdef struct TileKernels:
@@ -144,46 +230,36 @@ cdef void add_kernel_set(str name, scores_fn tile_scores, max_fn tile_max, exp_s
 
 add_kernel_set("cython", plain_tile_scores, plain_tile_max, plain_exp_sub, plain_tile_update)
 
-# %% book/05_compiled_kernel.ipynb #3e23438d
-# The `rows` table: where each query row's keys and values live, one line per row, in these columns.
-# Addresses and strides (in elements) let every slot's cache be read where it is, whatever array holds it.
-# A paged row (block_size > 0) keeps its tokens in blocks of a pool: token t is token t % block_size of
-# block table[t // block_size], and the block's first token is at addr + block * block_stride.
-cdef enum:
-    K_ADDR, K_TOKEN_STRIDE, K_HEAD_STRIDE, V_ADDR, V_TOKEN_STRIDE, V_HEAD_STRIDE
-    BLOCK_SIZE, BLOCK_TABLE, K_BLOCK_STRIDE, V_BLOCK_STRIDE
-ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_stride", "v_head_stride",
-               "block_size", "block_table", "k_block_stride", "v_block_stride")
+# %% book/05_compiled_kernel.ipynb #41bd45a3
+cdef struct Variants:            # what real models add to plain softmax attention (chapter 09)
+    float softcap                # > 0: a score s becomes softcap * tanh(s / softcap)
+    const float *alibi_slopes    # (H,) or NULL: head h's score for key j gets - slope[h] * |p - j|
+    const float *sinks           # (H,) or NULL: exp(sink[h]) joins head h's softmax denominator
 
 
-cdef struct KvRun:
-    const float *keys            # key of token j of the run, kv head h: keys + j * k_token_stride + h * k_head_stride
-    const float *values
-    ptrdiff_t k_token_stride, k_head_stride, v_token_stride, v_head_stride
-    ptrdiff_t n                  # tokens in the run
+cdef inline void adjust_scores(const Variants *variants, float *scores, ptrdiff_t n, ptrdiff_t hq,
+                               ptrdiff_t first_key, ptrdiff_t q_position) noexcept nogil:
+    """Soft-cap, then ALiBi, on head hq's scores for the keys first_key.. of a query at q_position."""
+    cdef ptrdiff_t j
+    if variants.softcap > 0:
+        for j in range(n):
+            scores[j] = variants.softcap * tanhf(scores[j] / variants.softcap)
+    if variants.alibi_slopes != NULL:
+        for j in range(n):
+            scores[j] = scores[j] - variants.alibi_slopes[hq] * fabsf(<float> (q_position - first_key - j))
 
 
-cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, KvRun *run) noexcept nogil:
-    """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
-
-    Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
-    row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
-    """
-    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0
-    cdef ptrdiff_t k_block_stride = 0, v_block_stride = 0
-    run.n = stop - start
-    if block_size > 0:           # a paged row: look the block up, stop at its end
-        block = (<const Py_ssize_t *> row[BLOCK_TABLE])[start // block_size]
-        offset = start % block_size
-        run.n = min(run.n, block_size - offset)
-        k_block_stride = row[K_BLOCK_STRIDE]
-        v_block_stride = row[V_BLOCK_STRIDE]
-    run.k_token_stride = row[K_TOKEN_STRIDE]
-    run.k_head_stride = row[K_HEAD_STRIDE]
-    run.v_token_stride = row[V_TOKEN_STRIDE]
-    run.v_head_stride = row[V_HEAD_STRIDE]
-    run.keys = (<const float *> row[K_ADDR]) + block * k_block_stride + offset * run.k_token_stride
-    run.values = (<const float *> row[V_ADDR]) + block * v_block_stride + offset * run.v_token_stride
+cdef inline void add_sinks(const Variants *variants, float *out, float *lse, ptrdiff_t num_heads,
+                           ptrdiff_t head_dim) noexcept nogil:
+    """Join each head's sink to a finished row, once: lse' = log(e^lse + e^sink), out *= e^(lse - lse')."""
+    cdef ptrdiff_t hq, d
+    cdef float top, total
+    for hq in range(num_heads):
+        top = lse[hq] if lse[hq] > variants.sinks[hq] else variants.sinks[hq]   # NaN goes on to the sum
+        total = top + logf(expf(lse[hq] - top) + expf(variants.sinks[hq] - top))
+        for d in range(head_dim):
+            out[hq * head_dim + d] *= expf(lse[hq] - total)
+        lse[hq] = total
 
 # %% book/05_compiled_kernel.ipynb #02a129fa
 cdef struct Scratch:             # one thread's working memory: O(H·(tile + D)), whatever the cache length
@@ -208,14 +284,16 @@ cdef inline Scratch carve_scratch(float *base, ptrdiff_t num_heads, ptrdiff_t he
     return s
 
 
-cdef inline void softmax_tile(const TileKernels *kernels, Scratch *s, ptrdiff_t n, ptrdiff_t tile,
-                              ptrdiff_t num_heads, ptrdiff_t head_dim) noexcept nogil:
+cdef inline void softmax_tile(const TileKernels *kernels, const Variants *variants, Scratch *s, ptrdiff_t n,
+                              ptrdiff_t tile, ptrdiff_t num_heads, ptrdiff_t head_dim, ptrdiff_t first_key,
+                              ptrdiff_t q_position) noexcept nogil:
     """Chapter 02's online step for one tile of scores: new max, rescale once, weights over the scores."""
     cdef ptrdiff_t hq, d
     cdef float *scores
     cdef float new_max, rescale
     for hq in range(num_heads):
         scores = s.scores + hq * tile
+        adjust_scores(variants, scores, n, hq, first_key, q_position)
         new_max = kernels.tile_max(scores, n)
         if s.row_max[hq] > new_max or s.row_max[hq] != s.row_max[hq]:   # a NaN poisons the row for good
             new_max = s.row_max[hq]
@@ -230,10 +308,10 @@ cdef inline void softmax_tile(const TileKernels *kernels, Scratch *s, ptrdiff_t 
                 s.acc[hq * head_dim + d] *= rescale
 
 # %% book/05_compiled_kernel.ipynb #7e0e87c9
-cdef void attend_range(const TileKernels *kernels, const float *q, const Py_ssize_t *row,
-                       ptrdiff_t start, ptrdiff_t stop, ptrdiff_t num_kv_heads, ptrdiff_t group,
-                       ptrdiff_t head_dim, ptrdiff_t tile, float scale, Scratch *s,
-                       float *out, float *lse) noexcept nogil:
+cdef void attend_range(const TileKernels *kernels, const Variants *variants, const float *q,
+                       ptrdiff_t q_position, const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop,
+                       ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim, ptrdiff_t tile, float scale,
+                       Scratch *s, float *out, float *lse) noexcept nogil:
     """Attention of one query row (all H heads) over its keys [start, stop), tile by tile.
 
     Writes out (H, D) = acc / row_sum and lse (H,) = row_max + log(row_sum); a row that saw no key gets
@@ -241,7 +319,7 @@ cdef void attend_range(const TileKernels *kernels, const float *q, const Py_ssiz
     """
     cdef ptrdiff_t num_heads = num_kv_heads * group
     cdef ptrdiff_t hq, d, t0, n, j
-    cdef KvRun run
+    cdef fd_run run
     for hq in range(num_heads):
         s.row_max[hq] = -INFINITY
         s.row_sum[hq] = 0.0
@@ -254,15 +332,13 @@ cdef void attend_range(const TileKernels *kernels, const float *q, const Py_ssiz
         j = 0
         while j < n:                      # scores (H, n), run by run
             find_run(row, t0 + j, t0 + n, &run)
-            kernels.tile_scores(s.q_scaled, run.keys, run.k_token_stride, run.k_head_stride, run.n,
-                                num_kv_heads, group, head_dim, s.scores + j, tile)
+            kernels.tile_scores(s.q_scaled, &run, num_kv_heads, group, head_dim, s.scores + j, tile)
             j = j + run.n
-        softmax_tile(kernels, s, n, tile, num_heads, head_dim)
+        softmax_tile(kernels, variants, s, n, tile, num_heads, head_dim, t0, q_position)
         j = 0
         while j < n:                      # acc += weights · V, run by run
             find_run(row, t0 + j, t0 + n, &run)
-            kernels.tile_update(s.acc, s.scores + j, tile, run.values, run.v_token_stride,
-                                run.v_head_stride, run.n, num_kv_heads, group, head_dim)
+            kernels.tile_update(s.acc, s.scores + j, tile, &run, num_kv_heads, group, head_dim)
             j = j + run.n
         t0 = t0 + n
     for hq in range(num_heads):
@@ -311,21 +387,33 @@ MERGE_COLUMNS = ("row", "first_part", "parts")
 
 def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssize_t[:, ::1] items,
            const Py_ssize_t[:, ::1] merges, Py_ssize_t num_kv_heads, float scale, Py_ssize_t tile,
-           int num_threads, str kernels="cython"):
-    """Run a work plan and return (out (N, H, D), lse (N, H)), float32, with the named tile-kernel set.
+           int num_threads, str kernels="cython", const Py_ssize_t[::1] q_positions=None, float softcap=0.0,
+           const float[::1] alibi_slopes=None, const float[::1] sinks=None):
+    """Run a work plan and return (out (N, H, D), lse (N, H)), float32, with the named tile-kernel set
+    and the variants of chapter 09 (q_positions (N,): each row's query position, for ALiBi).
 
     The caller (the api module) guarantees that every address in `rows` points at a live float32 array
     holding the keys [start, stop) of every item: this function checks nothing about them.
     """
     cdef const TileKernels *chosen = &kernel_sets[KERNEL_SETS[kernels]]
-    cdef ptrdiff_t num_heads = q.shape[1], head_dim = q.shape[2], group = num_heads // num_kv_heads
-    cdef ptrdiff_t n_items = items.shape[0], n_merges = merges.shape[0], i, m, r, part, tid = 0
+    cdef ptrdiff_t num_rows = q.shape[0], num_heads = q.shape[1], head_dim = q.shape[2]
+    cdef ptrdiff_t group = num_heads // num_kv_heads, n_items = items.shape[0], n_merges = merges.shape[0]
     cdef ptrdiff_t n_parts = max([items[i, ITEM_PART] + 1 for i in range(n_items)], default=0)
-    out_array = np.zeros((q.shape[0], num_heads, head_dim), np.float32)
-    lse_array = np.full((q.shape[0], num_heads), -np.inf, np.float32)
+    cdef ptrdiff_t i, m, r, part, row_index, tid = 0
+    cdef Variants variants
+    cdef const Py_ssize_t *positions = NULL
+    variants.softcap, variants.alibi_slopes, variants.sinks = softcap, NULL, NULL
+    if alibi_slopes is not None:
+        variants.alibi_slopes = &alibi_slopes[0]
+    if sinks is not None:
+        variants.sinks = &sinks[0]
+    if q_positions is not None and q_positions.shape[0]:
+        positions = &q_positions[0]
+    out_array = np.zeros((num_rows, num_heads, head_dim), np.float32)
+    lse_array = np.full((num_rows, num_heads), -np.inf, np.float32)
     part_out_array = np.empty((n_parts, num_heads, head_dim), np.float32)
     part_lse_array = np.empty((n_parts, num_heads), np.float32)
-    num_threads = max(1, min(num_threads, max(n_items, n_merges)))   # never more threads than work
+    num_threads = max(1, min(num_threads, max(n_items, n_merges, num_rows)))   # never more threads than work
     scratch_array = np.empty((num_threads, scratch_floats(num_heads, head_dim, tile)), np.float32)
     cdef float[:, :, ::1] out = out_array, part_out = part_out_array
     cdef float[:, ::1] lse = lse_array, part_lse = part_lse_array, scratch = scratch_array
@@ -338,43 +426,65 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
         for i in prange(n_items, schedule="dynamic"):          # items come longest first
             r = items[i, ITEM_ROW]
             part = items[i, ITEM_PART]
-            attend_range(chosen, &q[r, 0, 0], &rows[r, 0], items[i, ITEM_START], items[i, ITEM_STOP],
-                         num_kv_heads, group, head_dim, tile, scale, &s,
+            attend_range(chosen, &variants, &q[r, 0, 0], 0 if positions == NULL else positions[r], &rows[r, 0],
+                         items[i, ITEM_START], items[i, ITEM_STOP], num_kv_heads, group, head_dim, tile, scale, &s,
                          &out[r, 0, 0] if part < 0 else &part_out[part, 0, 0],
                          &lse[r, 0] if part < 0 else &part_lse[part, 0])
         for m in prange(n_merges, schedule="static"):          # after the barrier: merge split rows
             merge_parts(&part_out[merges[m, MERGE_FIRST_PART], 0, 0], &part_lse[merges[m, MERGE_FIRST_PART], 0],
                         merges[m, MERGE_PARTS], num_heads, head_dim,
                         &out[merges[m, MERGE_ROW], 0, 0], &lse[merges[m, MERGE_ROW], 0])
+        if variants.sinks != NULL:                             # then each finished row's sinks, once
+            for row_index in prange(num_rows, schedule="static"):
+                add_sinks(&variants, &out[row_index, 0, 0], &lse[row_index, 0], num_heads, head_dim)
     return out_array, lse_array
 
 # %% book/05_compiled_kernel.ipynb #7c220a12
 # Python handles on each tile kernel, for the tests and the timings of chapter 06 (scikit-learn's
-# _dot_memview pattern). `kernels` names a set: "cython", or "simd" once chapter 06 adds it.
-def tile_scores(const float[:, ::1] q, const float[:, :, ::1] keys, str kernels="cython"):
+# _dot_memview pattern). `kernels` names a set: "cython", or "simd" once chapter 06 adds it. Keys and values
+# are C-ordered (n, Hkv, D) arrays of any storage format (FORMATS); int8 ones come with scales (n, Hkv).
+cdef fd_run handle_run(array, scales, ptrdiff_t num_kv_heads, ptrdiff_t head_dim) except *:
+    cdef fd_run run
+    if not array.flags.c_contiguous or array.dtype.name not in FORMATS or (array.dtype.name == "int8") != (scales is not None):
+        raise ValueError(f"keys and values are C-ordered {sorted(FORMATS)} arrays, int8 with scales; got {array.dtype}")
+    run.format, run.n = FORMATS[array.dtype.name], array.shape[0]
+    run.keys = run.values = <const void *> <size_t> array.__array_interface__["data"][0]
+    run.k_token_stride = run.v_token_stride = num_kv_heads * head_dim
+    run.k_head_stride = run.v_head_stride = head_dim
+    run.scale_token_stride = num_kv_heads
+    run.k_scales = run.v_scales = NULL
+    if scales is not None:
+        if scales.dtype != np.float32 or scales.shape != array.shape[:2] or not scales.flags.c_contiguous:
+            raise ValueError(f"scales must be C-ordered float32 of shape {array.shape[:2]}")
+        run.k_scales = run.v_scales = <const float *> <size_t> scales.__array_interface__["data"][0]
+    return run
+
+
+def tile_scores(const float[:, ::1] q, keys, str kernels="cython", k_scales=None):
     """scores (H, n) = q (H, D) · keys (n, Hkv, D) for each head, H a multiple of Hkv (GQA groups)."""
     cdef ptrdiff_t n = keys.shape[0], num_kv_heads = keys.shape[1], head_dim = keys.shape[2]
     if q.shape[1] != head_dim or num_kv_heads == 0 or q.shape[0] % num_kv_heads:
         raise ValueError(f"q ({q.shape[0]}, {q.shape[1]}) does not fit keys ({n}, {num_kv_heads}, {head_dim})")
+    cdef fd_run run = handle_run(keys, k_scales, num_kv_heads, head_dim)
     scores = np.zeros((q.shape[0], max(n, 1)), np.float32)
     cdef float[:, ::1] s = scores
     if n and head_dim:
-        kernel_sets[KERNEL_SETS[kernels]].tile_scores(&q[0, 0], &keys[0, 0, 0], num_kv_heads * head_dim,
-            head_dim, n, num_kv_heads, q.shape[0] // num_kv_heads, head_dim, &s[0, 0], s.shape[1])
+        kernel_sets[KERNEL_SETS[kernels]].tile_scores(&q[0, 0], &run, num_kv_heads, q.shape[0] // num_kv_heads,
+                                                      head_dim, &s[0, 0], s.shape[1])
     return scores[:, :n]
 
 
-def tile_update(float[:, ::1] acc, const float[:, ::1] weights, const float[:, :, ::1] values,
-                str kernels="cython"):
+def tile_update(float[:, ::1] acc, const float[:, ::1] weights, values, str kernels="cython", v_scales=None):
     """acc (H, D) += weights (H, n) · values (n, Hkv, D) for each head, in place."""
     cdef ptrdiff_t n = values.shape[0], num_kv_heads = values.shape[1], head_dim = values.shape[2]
     if acc.shape[1] != head_dim or weights.shape[0] != acc.shape[0] or weights.shape[1] != n \
             or num_kv_heads == 0 or acc.shape[0] % num_kv_heads:
         raise ValueError(f"acc ({acc.shape[0]}, {acc.shape[1]}), weights ({weights.shape[0]}, "
                          f"{weights.shape[1]}) and values ({n}, {num_kv_heads}, {head_dim}) do not fit")
+    cdef fd_run run = handle_run(values, v_scales, num_kv_heads, head_dim)
     if n and head_dim:
-        kernel_sets[KERNEL_SETS[kernels]].tile_update(&acc[0, 0], &weights[0, 0], n, &values[0, 0, 0],
-            num_kv_heads * head_dim, head_dim, n, num_kv_heads, acc.shape[0] // num_kv_heads, head_dim)
+        kernel_sets[KERNEL_SETS[kernels]].tile_update(&acc[0, 0], &weights[0, 0], n, &run, num_kv_heads,
+                                                      acc.shape[0] // num_kv_heads, head_dim)
 
 
 def tile_max(const float[::1] s, str kernels="cython"):
@@ -388,24 +498,33 @@ def exp_sub(float[::1] s, float m, str kernels="cython"):
 
 # %% book/06_to_the_roof.ipynb #6c7437f2
 cdef extern from "_simd.h":
-    void fd_tile_scores(const float *q, const float *keys, ptrdiff_t k_token_stride, ptrdiff_t k_head_stride,
-                        ptrdiff_t n, ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim,
-                        float *scores, ptrdiff_t ld) noexcept nogil
+    void fd_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
+                        ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil
     float fd_tile_max(const float *s, ptrdiff_t n) noexcept nogil
     float fd_exp_sub(float *s, ptrdiff_t n, float m) noexcept nogil
-    void fd_tile_update(float *acc, const float *weights, ptrdiff_t ld, const float *values,
-                        ptrdiff_t v_token_stride, ptrdiff_t v_head_stride, ptrdiff_t n,
+    void fd_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
                         ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) noexcept nogil
-    void fd_dot4(const float *q0, const float *q1, const float *q2, const float *q3, const float *k0,
-                 const float *k1, const float *k2, const float *k3, ptrdiff_t n, float *s) noexcept nogil
-    void fd_dot4x3(const float *q0, const float *q1, const float *q2, const float *q3, const float *k,
-                   ptrdiff_t ks, ptrdiff_t n, float (*s)[4]) noexcept nogil
-    void fd_axpy4(float *y, const float *p, const float *x0, const float *x1, const float *x2,
-                  const float *x3, ptrdiff_t n) noexcept nogil
-    void fd_axpy4x4(float *y, ptrdiff_t ld, const float *p, ptrdiff_t ldp, const float *x0, const float *x1,
-                    const float *x2, const float *x3, ptrdiff_t n) noexcept nogil
+    void fd_dot4(int format, const float *q0, const float *q1, const float *q2, const float *q3, const void *keys,
+                 ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t k2, ptrdiff_t k3, ptrdiff_t n, float *s) noexcept nogil
+    void fd_dot4x3(int format, const float *q0, const float *q1, const float *q2, const float *q3,
+                   const void *keys, ptrdiff_t k, ptrdiff_t ks, ptrdiff_t n, float (*s)[4]) noexcept nogil
+    void fd_axpy4(int format, float *y, const float *p, const void *values, ptrdiff_t x, ptrdiff_t xs,
+                  ptrdiff_t n) noexcept nogil
+    void fd_axpy4x4(int format, float *y, ptrdiff_t ld, const float *p, ptrdiff_t ldp, const void *values,
+                    ptrdiff_t x, ptrdiff_t xs, ptrdiff_t n) noexcept nogil
+
+    int fd_f16c                              # -1 until first asked; then whether float16 uses F16C
+    int fd_has_f16c() noexcept nogil
 
 add_kernel_set("simd", fd_tile_scores, fd_tile_max, fd_exp_sub, fd_tile_update)
+
+
+def use_f16c(bint wanted=True):
+    """Read float16 with the F16C instruction (when the CPU has it) or with the integer conversion: a switch
+    for the tests, so that both paths run on any CPU. Returns whether F16C is now used."""
+    global fd_f16c
+    fd_f16c = fd_has_f16c() if wanted else 0
+    return bool(fd_f16c)
 
 # %% book/06_to_the_roof.ipynb #9cd4837d
 # Handles on the micro-kernels inside the SIMD tile kernels, each tested against numpy (tests/test_simd.py).
@@ -415,7 +534,8 @@ def dot4(const float[:, ::1] q, const float[:, ::1] k):
         raise ValueError("dot4 takes q and k of shape (4, D)")
     result = np.zeros(4, np.float32)
     cdef float[::1] s = result
-    fd_dot4(&q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], &k[1, 0], &k[2, 0], &k[3, 0], q.shape[1], &s[0])
+    fd_dot4(FD_F32, &q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], 0, k.shape[1], 2 * k.shape[1],
+            3 * k.shape[1], q.shape[1], &s[0])
     return result
 
 
@@ -425,7 +545,8 @@ def dot4x3(const float[:, ::1] q, const float[:, ::1] k):
         raise ValueError("dot4x3 takes q of shape (4, D) and k of shape (3, D)")
     result = np.zeros((3, 4), np.float32)
     cdef float[:, ::1] s = result
-    fd_dot4x3(&q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], k.shape[1], k.shape[1], <float (*)[4]> &s[0, 0])
+    fd_dot4x3(FD_F32, &q[0, 0], &q[1, 0], &q[2, 0], &q[3, 0], &k[0, 0], 0, k.shape[1], k.shape[1],
+              <float (*)[4]> &s[0, 0])
     return result
 
 
@@ -433,11 +554,11 @@ def axpy4(float[::1] y, const float[::1] p, const float[:, ::1] x):
     """y (D,) += Σ_r p[r] · x[r] over four value rows x (4, D), in place."""
     if p.shape[0] != 4 or x.shape[0] != 4 or x.shape[1] != y.shape[0]:
         raise ValueError("axpy4 takes y (D,), p (4,) and x (4, D)")
-    fd_axpy4(&y[0], &p[0], &x[0, 0], &x[1, 0], &x[2, 0], &x[3, 0], y.shape[0])
+    fd_axpy4(FD_F32, &y[0], &p[0], &x[0, 0], 0, x.shape[1], y.shape[0])
 
 
 def axpy4x4(float[:, ::1] y, const float[:, ::1] p, const float[:, ::1] x):
     """y (4, D) += p (4, 4) · x (4, D): four heads' accumulators, four value rows, in place."""
     if y.shape[0] != 4 or p.shape[0] != 4 or p.shape[1] != 4 or x.shape[0] != 4 or x.shape[1] != y.shape[1]:
         raise ValueError("axpy4x4 takes y (4, D), p (4, 4) and x (4, D)")
-    fd_axpy4x4(&y[0, 0], y.shape[1], &p[0, 0], 4, &x[0, 0], &x[1, 0], &x[2, 0], &x[3, 0], y.shape[1])
+    fd_axpy4x4(FD_F32, &y[0, 0], y.shape[1], &p[0, 0], 4, &x[0, 0], 0, x.shape[1], y.shape[1])

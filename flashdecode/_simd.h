@@ -10,12 +10,14 @@
 #include <stddef.h>
 #include <string.h>
 
-/* Run-time dispatch: the tile kernels are compiled twice, once for plain x86-64 (SSE2) and once for CPUs
-   with FMA (and AVX), and the loader picks one when the module loads (an ifunc). A wheel built here runs
-   anywhere — this is not -march=native. Define FD_NO_CLONES to build the plain SSE2 path only. */
+#include "_run.h"
+
+/* Run-time dispatch: the tile kernels are compiled twice, once for plain x86-64 (SSE2) and once for
+   x86-64-v3 CPUs (AVX2, FMA, F16C), and the loader picks one when the module loads (an ifunc). A wheel
+   built here runs on any x86-64 CPU: this is not -march=native. FD_NO_CLONES builds the SSE2 path only. */
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute) && !defined(FD_NO_CLONES)
 #if __has_attribute(target_clones)
-#define FD_CLONES __attribute__((target_clones("fma", "default")))
+#define FD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 #endif
 #ifndef FD_CLONES
@@ -26,7 +28,7 @@
 #define FD_AHEAD 8            /* prefetch the key and value rows this many tokens ahead */
 #endif
 
-/* 8 floats: two SSE registers on plain x86-64, one AVX register in the FMA clone. */
+/* 8 floats: two SSE registers on plain x86-64, one AVX register in the x86-64-v3 clone. */
 typedef float fd_v8 __attribute__((vector_size(32)));
 typedef float fd_v8_u __attribute__((vector_size(32), aligned(4), may_alias));
 #if defined(__clang__)
@@ -35,9 +37,7 @@ typedef float fd_v8_u __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int fd_i8 __attribute__((vector_size(32)));
 #define FD_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (fd_i8){__VA_ARGS__})
 #endif
-
-/* The one place a K/V vector becomes 8 float32 lanes: a float16 or int8 cache changes these two lines. */
-#define FD_LOAD8(p) (*(const fd_v8_u *) (p))
+#define FD_LOAD8(p) (*(const fd_v8_u *) (p))            /* 8 float32, unaligned */
 #define FD_STORE8(p, x) (*(fd_v8_u *) (p) = (x))
 
 /* Lanes r and r + 4 of FD_TRANSPOSED_SUM4(a0, a1, a2, a3) hold the two halves of a_r's sum: four
@@ -48,42 +48,138 @@ typedef int fd_i8 __attribute__((vector_size(32)));
     fd_v8 b23_ = FD_SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + FD_SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15); \
     FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
 
+// %% book/06_to_the_roof.ipynb #785c6045
+/* The one place a key or value vector becomes float32 lanes, for each storage format (chapter 08): bfloat16
+   by a 16-bit shift (it is the top half of a float32), int8 by widening to int32 then converting (its
+   scale is applied by the caller, once per key or value row), float16 by moving its exponent and mantissa
+   bits into float32's places (below). `format` is a constant in every caller, so the switch folds away and
+   each format gets its own copy of the loops. Offsets i are in elements. */
+typedef unsigned short fd_u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
+typedef signed char fd_s8x8 __attribute__((vector_size(8), aligned(1), may_alias));
+typedef unsigned int fd_u32x8 __attribute__((vector_size(32)));
+typedef int fd_s32x8 __attribute__((vector_size(32)));
+#pragma GCC diagnostic ignored "-Wpsabi"    /* these return vectors, but are always inlined: no call ABI */
+
+/* float16 -> float32, exactly, eight at a time with integer operations (gcc 12 turns a _Float16 vector
+   conversion into one instruction per lane; this is vector code in both clones): exponent and mantissa
+   shifted into place and the exponent re-biased, inf and NaN re-biased once more, and zero and subnormals
+   (exponent 0) normalised by a subtraction of 2^-14 (F. Giesen's half_to_float). */
+FD_INLINE fd_v8 fd_half8_to_float(const unsigned short *p) {
+    fd_u32x8 h = __builtin_convertvector(*(const fd_u16x8 *) p, fd_u32x8);
+    const fd_u32x8 exponent_mask = (fd_u32x8) {0} + (0x7C00u << 13), magic_bits = (fd_u32x8) {0} + (113u << 23);
+    fd_u32x8 bits = (h & 0x7FFF) << 13, exponent = bits & exponent_mask;
+    fd_u32x8 special = (fd_u32x8) (exponent == exponent_mask), tiny = (fd_u32x8) (exponent == 0);
+    bits += (127 - 15) << 23;
+    bits += special & ((128 - 16) << 23);
+    bits += tiny & (1 << 23);
+    fd_u32x8 renormalised = (fd_u32x8) ((fd_v8) bits - (fd_v8) magic_bits);
+    return (fd_v8) (((renormalised & tiny) | (bits & ~tiny)) | ((h & 0x8000) << 16));
+}
+
+/* With the F16C instruction set (every x86-64 CPU since 2012-2013) one instruction converts four float16s.
+   It is written as inline assembly, not an intrinsic, so that the plain SSE2 clone compiles too: the tile
+   kernels below have a copy for format FD_F16C (F16C, checked once per call by fd_has_f16c) and one for
+   FD_F16 (the integer conversion above, for CPUs without it). */
+enum { FD_F16C = 4 };
+typedef float fd_v4 __attribute__((vector_size(16)));
+FD_INLINE fd_v8 fd_half8_f16c(const unsigned short *p) {
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+    fd_v4 low, high;
+    __asm__("vcvtph2ps %1, %0" : "=x"(low) : "m"(*(const long long *) p));
+    __asm__("vcvtph2ps %1, %0" : "=x"(high) : "m"(*(const long long *) (p + 4)));
+    return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+    return fd_half8_to_float(p);
+#endif
+}
+
+static int fd_has_f16c(void) {
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
+    switch (format) {
+    case FD_F16C: return fd_half8_f16c((const unsigned short *) base + i);
+    case FD_F16: return fd_half8_to_float((const unsigned short *) base + i);
+    case FD_BF16:
+        return (fd_v8) (__builtin_convertvector(*(const fd_u16x8 *) ((const unsigned short *) base + i), fd_u32x8) << 16);
+    case FD_I8:
+        return __builtin_convertvector(__builtin_convertvector(*(const fd_s8x8 *) ((const signed char *) base + i),
+                                                               fd_s32x8), fd_v8);
+    default: return FD_LOAD8((const float *) base + i);
+    }
+}
+
+FD_INLINE float fd_load1_kv(int format, const void *base, ptrdiff_t i) {
+    unsigned int bits;
+    float value;
+    switch (format) {
+    case FD_F16:
+    case FD_F16C: {
+        unsigned short lanes[8] = {((const unsigned short *) base)[i]};
+        return fd_half8_to_float(lanes)[0];
+    }
+    case FD_BF16:
+        bits = (unsigned int) ((const unsigned short *) base)[i] << 16;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    case FD_I8: return (float) ((const signed char *) base)[i];
+    default: return ((const float *) base)[i];
+    }
+}
+
+/* Prefetch `rows` tokens' rows, FD_AHEAD tokens on, for every kv head (offsets in elements). */
+FD_INLINE void fd_prefetch_rows(int format, const void *base, ptrdiff_t token, ptrdiff_t token_stride,
+                                ptrdiff_t head_stride, ptrdiff_t num_kv_heads, ptrdiff_t rows, ptrdiff_t head_dim) {
+    ptrdiff_t size = format == FD_F32 ? 4 : format == FD_I8 ? 1 : 2;     /* FD_F16, FD_F16C, FD_BF16: 2 */
+    for (ptrdiff_t h = 0; h < num_kv_heads; h++)
+        for (ptrdiff_t t = FD_AHEAD; t < FD_AHEAD + rows; t++)
+            for (ptrdiff_t i = 0; i < head_dim * size; i += 64)
+                __builtin_prefetch((const char *) base + ((token + t) * token_stride + h * head_stride) * size + i);
+}
+
 // %% book/06_to_the_roof.ipynb #9b3ececf
-/* Four dot products s[r] = q_r · k_r at once: four independent chains of multiply-adds (one chain would
-   wait on its own latency), reduced together by FD_TRANSPOSED_SUM4. k0..k3 may all be the same key row
-   (four heads sharing a kv head): the compiler then loads it once per step. */
-FD_INLINE void fd_dot4(const float *restrict q0, const float *restrict q1, const float *restrict q2,
-                       const float *restrict q3, const float *k0, const float *k1, const float *k2,
-                       const float *k3, ptrdiff_t n, float *restrict s) {
+/* Four dot products s[r] = q_r · k_r at once, the keys at element offsets k0..k3 of `keys`: four independent
+   chains of multiply-adds (one chain would wait on its own latency), reduced together by
+   FD_TRANSPOSED_SUM4. The offsets may be equal (four heads sharing a kv head). */
+FD_INLINE void fd_dot4(int format, const float *restrict q0, const float *restrict q1, const float *restrict q2,
+                       const float *restrict q3, const void *keys, ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t k2,
+                       ptrdiff_t k3, ptrdiff_t n, float *restrict s) {
     fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        a0 += FD_LOAD8(q0 + i) * FD_LOAD8(k0 + i);
-        a1 += FD_LOAD8(q1 + i) * FD_LOAD8(k1 + i);
-        a2 += FD_LOAD8(q2 + i) * FD_LOAD8(k2 + i);
-        a3 += FD_LOAD8(q3 + i) * FD_LOAD8(k3 + i);
+        a0 += FD_LOAD8(q0 + i) * fd_load8_kv(format, keys, k0 + i);
+        a1 += FD_LOAD8(q1 + i) * fd_load8_kv(format, keys, k1 + i);
+        a2 += FD_LOAD8(q2 + i) * fd_load8_kv(format, keys, k2 + i);
+        a3 += FD_LOAD8(q3 + i) * fd_load8_kv(format, keys, k3 + i);
     }
     fd_v8 c = FD_TRANSPOSED_SUM4(a0, a1, a2, a3);
     float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
     for (; i < n; i++) {
-        t0 += q0[i] * k0[i]; t1 += q1[i] * k1[i]; t2 += q2[i] * k2[i]; t3 += q3[i] * k3[i];
+        t0 += q0[i] * fd_load1_kv(format, keys, k0 + i); t1 += q1[i] * fd_load1_kv(format, keys, k1 + i);
+        t2 += q2[i] * fd_load1_kv(format, keys, k2 + i); t3 += q3[i] * fd_load1_kv(format, keys, k3 + i);
     }
     s[0] = (c[0] + c[4]) + t0; s[1] = (c[1] + c[5]) + t1;
     s[2] = (c[2] + c[6]) + t2; s[3] = (c[3] + c[7]) + t3;
 }
 
-/* Twelve dot products: four heads sharing a kv head against three consecutive key rows
-   (s[c][r] = q_r · k_c with k_c = k + c * ks). Seven loads per twelve multiply-adds; the twelve
-   accumulators, three keys and one query fill exactly the sixteen AVX registers. */
-FD_INLINE void fd_dot4x3(const float *restrict q0, const float *restrict q1, const float *restrict q2,
-                         const float *restrict q3, const float *restrict k, ptrdiff_t ks, ptrdiff_t n,
+/* Twelve dot products: four heads sharing a kv head against three consecutive key rows at element offsets
+   k, k + ks, k + 2·ks (s[c][r] = q_r · k_c). Seven loads per twelve multiply-adds; the twelve accumulators,
+   three keys and one query fill exactly the sixteen AVX registers. */
+FD_INLINE void fd_dot4x3(int format, const float *restrict q0, const float *restrict q1, const float *restrict q2,
+                         const float *restrict q3, const void *keys, ptrdiff_t k, ptrdiff_t ks, ptrdiff_t n,
                          float s[3][4]) {
     fd_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     fd_v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-    const float *ka = k, *kb = k + ks, *kc = k + 2 * ks;
-    ptrdiff_t i = 0;
+    ptrdiff_t ka = k, kb = k + ks, kc = k + 2 * ks, i = 0;
     for (; i + 8 <= n; i += 8) {
-        fd_v8 x = FD_LOAD8(ka + i), y = FD_LOAD8(kb + i), z = FD_LOAD8(kc + i), w;
+        fd_v8 x = fd_load8_kv(format, keys, ka + i), y = fd_load8_kv(format, keys, kb + i), w;
+        fd_v8 z = fd_load8_kv(format, keys, kc + i);
         w = FD_LOAD8(q0 + i); a0 += w * x; b0 += w * y; c0 += w * z;
         w = FD_LOAD8(q1 + i); a1 += w * x; b1 += w * y; c1 += w * z;
         w = FD_LOAD8(q2 + i); a2 += w * x; b2 += w * y; c2 += w * z;
@@ -93,7 +189,9 @@ FD_INLINE void fd_dot4x3(const float *restrict q0, const float *restrict q1, con
     const float *qs[4] = {q0, q1, q2, q3};
     for (; i < n; i++)
         for (int r = 0; r < 4; r++) {
-            ta[r] += qs[r][i] * ka[i]; tb[r] += qs[r][i] * kb[i]; tc[r] += qs[r][i] * kc[i];
+            ta[r] += qs[r][i] * fd_load1_kv(format, keys, ka + i);
+            tb[r] += qs[r][i] * fd_load1_kv(format, keys, kb + i);
+            tc[r] += qs[r][i] * fd_load1_kv(format, keys, kc + i);
         }
     fd_v8 ea = FD_TRANSPOSED_SUM4(a0, a1, a2, a3), eb = FD_TRANSPOSED_SUM4(b0, b1, b2, b3);
     fd_v8 ec = FD_TRANSPOSED_SUM4(c0, c1, c2, c3);
@@ -105,75 +203,71 @@ FD_INLINE void fd_dot4x3(const float *restrict q0, const float *restrict q1, con
 }
 
 // %% book/06_to_the_roof.ipynb #7f35c4c3
-/* Prefetch the key or value rows of `rows` tokens, FD_AHEAD tokens on, for every kv head. */
-FD_INLINE void fd_prefetch_rows(const float *token, ptrdiff_t token_stride, ptrdiff_t head_stride,
-                                ptrdiff_t num_kv_heads, ptrdiff_t rows, ptrdiff_t head_dim) {
-    for (ptrdiff_t h = 0; h < num_kv_heads; h++)
-        for (ptrdiff_t t = FD_AHEAD; t < FD_AHEAD + rows; t++)
-            for (ptrdiff_t i = 0; i < head_dim; i += 16)
-                __builtin_prefetch(token + t * token_stride + h * head_stride + i);
-}
-
-/* scores[hq * ld + j] = q_hq · key(j, hq / group) for the n keys of a tile, the twin of the plain
-   Cython tile_scores: tokens in memory order, four query heads per pass; when four heads share a kv head
-   (group % 4 == 0) three tokens per pass, each key row used by all four while it is in L1. */
-FD_CLONES static void fd_tile_scores(const float *restrict q, const float *restrict keys,
-                                     ptrdiff_t k_token_stride, ptrdiff_t k_head_stride, ptrdiff_t n,
-                                     ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim,
-                                     float *restrict scores, ptrdiff_t ld) {
-    ptrdiff_t num_heads = num_kv_heads * group, j = 0;
+/* scores[hq * ld + j] = q_hq · key(j, hq / group) for the run's keys, the twin of the plain Cython
+   tile_scores: tokens in memory order, four query heads per pass; when four heads share a kv head
+   (group % 4 == 0) three tokens per pass, each key row used by all four while it is in L1. An int8 score is
+   multiplied by its key row's scale. */
+FD_INLINE void fd_tile_scores_any(int format, const float *restrict q, const fd_run *run, ptrdiff_t num_kv_heads,
+                                  ptrdiff_t group, ptrdiff_t head_dim, float *restrict scores, ptrdiff_t ld) {
+    ptrdiff_t num_heads = num_kv_heads * group, n = run->n, ts = run->k_token_stride, hs = run->k_head_stride, j = 0;
     float s[3][4];
     if (group % 4 == 0)
         for (; j + 3 <= n; j += 3) {
-            const float *token = keys + j * k_token_stride;
-            fd_prefetch_rows(token, k_token_stride, k_head_stride, num_kv_heads, 3, head_dim);
+            fd_prefetch_rows(format, run->keys, j, ts, hs, num_kv_heads, 3, head_dim);
             for (ptrdiff_t hq = 0; hq < num_heads; hq += 4) {
                 const float *q0 = q + hq * head_dim;
-                fd_dot4x3(q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim,
-                          token + (hq / group) * k_head_stride, k_token_stride, head_dim, s);
-                for (ptrdiff_t r = 0; r < 4; r++)
-                    for (ptrdiff_t c = 0; c < 3; c++) scores[(hq + r) * ld + j + c] = s[c][r];
+                ptrdiff_t h = hq / group;
+                fd_dot4x3(format, q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim, run->keys,
+                          j * ts + h * hs, ts, head_dim, s);
+                for (ptrdiff_t c = 0; c < 3; c++) {
+                    float scale = format == FD_I8 ? run->k_scales[(j + c) * run->scale_token_stride + h] : 1.0f;
+                    for (ptrdiff_t r = 0; r < 4; r++) scores[(hq + r) * ld + j + c] = s[c][r] * scale;
+                }
             }
         }
     for (; j < n; j++) {
-        const float *token = keys + j * k_token_stride;
-        fd_prefetch_rows(token, k_token_stride, k_head_stride, num_kv_heads, 1, head_dim);
+        fd_prefetch_rows(format, run->keys, j, ts, hs, num_kv_heads, 1, head_dim);
         for (ptrdiff_t hq = 0; hq < num_heads; hq += 4) {
-            const float *k[4], *qs[4];
-            ptrdiff_t m = num_heads - hq < 4 ? num_heads - hq : 4;
+            const float *qs[4];
+            ptrdiff_t k[4], m = num_heads - hq < 4 ? num_heads - hq : 4;
             for (ptrdiff_t r = 0; r < 4; r++) {        /* past the last head: repeat it */
                 ptrdiff_t head = hq + (r < m ? r : m - 1);
                 qs[r] = q + head * head_dim;
-                k[r] = token + (head / group) * k_head_stride;
+                k[r] = j * ts + (head / group) * hs;
             }
-            fd_dot4(qs[0], qs[1], qs[2], qs[3], k[0], k[1], k[2], k[3], head_dim, s[0]);
-            for (ptrdiff_t r = 0; r < m; r++) scores[(hq + r) * ld + j] = s[0][r];
+            fd_dot4(format, qs[0], qs[1], qs[2], qs[3], run->keys, k[0], k[1], k[2], k[3], head_dim, s[0]);
+            for (ptrdiff_t r = 0; r < m; r++)
+                scores[(hq + r) * ld + j] = s[0][r] * (format == FD_I8 ?
+                    run->k_scales[j * run->scale_token_stride + (hq + r) / group] : 1.0f);
         }
     }
 }
 
 // %% book/06_to_the_roof.ipynb #3d4dc7b3
-/* y += p[0]·x0 + p[1]·x1 + p[2]·x2 + p[3]·x3: four value rows per pass over an accumulator row (one load
-   and one store of y for four rows). Summed left to right, like four axpys one after the other. */
-FD_INLINE void fd_axpy4(float *restrict y, const float *restrict p, const float *restrict x0,
-                        const float *restrict x1, const float *restrict x2, const float *restrict x3,
-                        ptrdiff_t n) {
+/* y += p[0]·x0 + p[1]·x1 + p[2]·x2 + p[3]·x3 for four value rows at element offsets x, x + xs, x + 2·xs,
+   x + 3·xs: one pass over an accumulator row (one load and one store of y for four rows), summed left to
+   right like four axpys one after the other. */
+FD_INLINE void fd_axpy4(int format, float *restrict y, const float *restrict p, const void *values, ptrdiff_t x,
+                        ptrdiff_t xs, ptrdiff_t n) {
     float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
-        FD_STORE8(y + i, FD_LOAD8(y + i) + p0 * FD_LOAD8(x0 + i) + p1 * FD_LOAD8(x1 + i)
-                         + p2 * FD_LOAD8(x2 + i) + p3 * FD_LOAD8(x3 + i));
-    for (; i < n; i++) y[i] = y[i] + p0 * x0[i] + p1 * x1[i] + p2 * x2[i] + p3 * x3[i];
+        FD_STORE8(y + i, FD_LOAD8(y + i) + p0 * fd_load8_kv(format, values, x + i)
+                         + p1 * fd_load8_kv(format, values, x + xs + i) + p2 * fd_load8_kv(format, values, x + 2 * xs + i)
+                         + p3 * fd_load8_kv(format, values, x + 3 * xs + i));
+    for (; i < n; i++)
+        y[i] = y[i] + p0 * fd_load1_kv(format, values, x + i) + p1 * fd_load1_kv(format, values, x + xs + i)
+               + p2 * fd_load1_kv(format, values, x + 2 * xs + i) + p3 * fd_load1_kv(format, values, x + 3 * xs + i);
 }
 
-/* The same for four heads at once (rows y + r * ld, weights p + r * ldp, r = 0..3) sharing the four
-   value rows: each value vector is loaded into a register once for sixteen multiply-adds. */
-FD_INLINE void fd_axpy4x4(float *restrict y, ptrdiff_t ld, const float *restrict p, ptrdiff_t ldp,
-                          const float *restrict x0, const float *restrict x1, const float *restrict x2,
-                          const float *restrict x3, ptrdiff_t n) {
+/* The same for four heads at once (rows y + r·ld, weights p + r·ldp, r = 0..3) sharing the four value
+   rows: each value vector is loaded into a register once for sixteen multiply-adds. */
+FD_INLINE void fd_axpy4x4(int format, float *restrict y, ptrdiff_t ld, const float *restrict p, ptrdiff_t ldp,
+                          const void *values, ptrdiff_t x, ptrdiff_t xs, ptrdiff_t n) {
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        fd_v8 v0 = FD_LOAD8(x0 + i), v1 = FD_LOAD8(x1 + i), v2 = FD_LOAD8(x2 + i), v3 = FD_LOAD8(x3 + i);
+        fd_v8 v0 = fd_load8_kv(format, values, x + i), v1 = fd_load8_kv(format, values, x + xs + i);
+        fd_v8 v2 = fd_load8_kv(format, values, x + 2 * xs + i), v3 = fd_load8_kv(format, values, x + 3 * xs + i);
         for (int r = 0; r < 4; r++) {
             const float *w = p + r * ldp;
             float *yr = y + r * ld + i;
@@ -183,40 +277,83 @@ FD_INLINE void fd_axpy4x4(float *restrict y, ptrdiff_t ld, const float *restrict
     for (; i < n; i++)
         for (int r = 0; r < 4; r++) {
             const float *w = p + r * ldp;
-            y[r * ld + i] = y[r * ld + i] + w[0] * x0[i] + w[1] * x1[i] + w[2] * x2[i] + w[3] * x3[i];
+            y[r * ld + i] = y[r * ld + i] + w[0] * fd_load1_kv(format, values, x + i)
+                            + w[1] * fd_load1_kv(format, values, x + xs + i)
+                            + w[2] * fd_load1_kv(format, values, x + 2 * xs + i)
+                            + w[3] * fd_load1_kv(format, values, x + 3 * xs + i);
         }
 }
 
 // %% book/06_to_the_roof.ipynb #6132b640
-/* acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq / group) over the n tokens of a tile, the twin of the
-   plain tile_update: four value rows (tokens) per pass, each used by the group's heads — four at a time
-   where the group allows — while it is in L1. */
-FD_CLONES static void fd_tile_update(float *restrict acc, const float *restrict weights, ptrdiff_t ld,
-                                     const float *restrict values, ptrdiff_t v_token_stride,
-                                     ptrdiff_t v_head_stride, ptrdiff_t n, ptrdiff_t num_kv_heads,
-                                     ptrdiff_t group, ptrdiff_t head_dim) {
-    ptrdiff_t j = 0;
+/* acc[hq] += Σ_j weights[hq * ld + j] · value(j, hq / group) over the run's tokens, the twin of the plain
+   tile_update: four value rows (tokens) per pass, each used by the group's heads — four at a time where the
+   group allows — while it is in L1. An int8 value row's scale joins its weights. */
+FD_INLINE void fd_tile_update_any(int format, float *restrict acc, const float *restrict weights, ptrdiff_t ld,
+                                  const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) {
+    ptrdiff_t n = run->n, ts = run->v_token_stride, hs = run->v_head_stride, j = 0;
+    float scaled[4 * 4];
     for (; j + 4 <= n; j += 4) {
-        const float *token = values + j * v_token_stride;
-        fd_prefetch_rows(token, v_token_stride, v_head_stride, num_kv_heads, 4, head_dim);
+        fd_prefetch_rows(format, run->values, j, ts, hs, num_kv_heads, 4, head_dim);
         for (ptrdiff_t h = 0; h < num_kv_heads; h++) {
-            const float *v = token + h * v_head_stride;
-            const float *v1 = v + v_token_stride, *v2 = v + 2 * v_token_stride, *v3 = v + 3 * v_token_stride;
-            ptrdiff_t hq = h * group;
-            for (; hq + 4 <= (h + 1) * group; hq += 4)
-                fd_axpy4x4(acc + hq * head_dim, head_dim, weights + hq * ld + j, ld, v, v1, v2, v3, head_dim);
-            for (; hq < (h + 1) * group; hq++)
-                fd_axpy4(acc + hq * head_dim, weights + hq * ld + j, v, v1, v2, v3, head_dim);
+            ptrdiff_t v = j * ts + h * hs, hq = h * group;
+            const float *w = weights + j;
+            ptrdiff_t ldw = ld;
+            for (; hq < (h + 1) * group; hq += 4) {
+                ptrdiff_t heads = (h + 1) * group - hq < 4 ? (h + 1) * group - hq : 4;
+                if (format == FD_I8) {           /* weight · scale of its value row, for these four rows */
+                    for (ptrdiff_t r = 0; r < heads; r++)
+                        for (ptrdiff_t c = 0; c < 4; c++)
+                            scaled[r * 4 + c] = w[(hq + r) * ld + c] * run->v_scales[(j + c) * run->scale_token_stride + h];
+                }
+                const float *p = format == FD_I8 ? scaled : w + hq * ld;
+                ldw = format == FD_I8 ? 4 : ld;
+                if (heads == 4)
+                    fd_axpy4x4(format, acc + hq * head_dim, head_dim, p, ldw, run->values, v, ts, head_dim);
+                else
+                    for (ptrdiff_t r = 0; r < heads; r++)
+                        fd_axpy4(format, acc + (hq + r) * head_dim, p + r * ldw, run->values, v, ts, head_dim);
+            }
         }
     }
     for (; j < n; j++)
-        for (ptrdiff_t h = 0; h < num_kv_heads; h++) {
-            const float *v = values + j * v_token_stride + h * v_head_stride;
-            for (ptrdiff_t hq = h * group; hq < (h + 1) * group; hq++) {
-                float w = weights[hq * ld + j], *y = acc + hq * head_dim;
-                for (ptrdiff_t i = 0; i < head_dim; i++) y[i] += w * v[i];
-            }
+        for (ptrdiff_t hq = 0; hq < num_kv_heads * group; hq++) {
+            ptrdiff_t h = hq / group, v = j * ts + h * hs;
+            float w = weights[hq * ld + j] * (format == FD_I8 ? run->v_scales[j * run->scale_token_stride + h] : 1.0f);
+            float *y = acc + hq * head_dim;
+            for (ptrdiff_t i = 0; i < head_dim; i++) y[i] += w * fd_load1_kv(format, run->values, v + i);
         }
+}
+
+/* One compiled copy of each tile kernel per storage format (each with its run-time clones), and the two
+   entry points the kernel set registers, which pick the copy for the run's format. */
+#define FD_FOR_EACH_FORMAT(X) X(f32, FD_F32) X(f16, FD_F16) X(f16c, FD_F16C) X(bf16, FD_BF16) X(i8, FD_I8)
+#define FD_DEFINE_FOR_FORMAT(name, format) \
+    FD_CLONES static void fd_tile_scores_##name(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, \
+            ptrdiff_t group, ptrdiff_t head_dim, float *scores, ptrdiff_t ld) { \
+        fd_tile_scores_any(format, q, run, num_kv_heads, group, head_dim, scores, ld); } \
+    FD_CLONES static void fd_tile_update_##name(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run, \
+            ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) { \
+        fd_tile_update_any(format, acc, weights, ld, run, num_kv_heads, group, head_dim); }
+FD_FOR_EACH_FORMAT(FD_DEFINE_FOR_FORMAT)
+#define FD_CASE_SCORES(name, format) case format: fd_tile_scores_##name(q, run, num_kv_heads, group, head_dim, scores, ld); break;
+#define FD_CASE_UPDATE(name, format) case format: fd_tile_update_##name(acc, weights, ld, run, num_kv_heads, group, head_dim); break;
+
+static int fd_f16c = -1;                 /* whether the CPU has F16C: asked once, on first use */
+
+FD_INLINE int fd_format_for_cpu(int format) {
+    if (format == FD_F16 && fd_f16c < 0)
+        fd_f16c = fd_has_f16c();          /* every thread finds the same answer: the race is harmless */
+    return format == FD_F16 && fd_f16c ? FD_F16C : format;
+}
+
+static void fd_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
+                           ptrdiff_t head_dim, float *scores, ptrdiff_t ld) {
+    switch (fd_format_for_cpu(run->format)) { FD_FOR_EACH_FORMAT(FD_CASE_SCORES) }
+}
+
+static void fd_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
+                           ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) {
+    switch (fd_format_for_cpu(run->format)) { FD_FOR_EACH_FORMAT(FD_CASE_UPDATE) }
 }
 
 // %% book/06_to_the_roof.ipynb #4a00f209

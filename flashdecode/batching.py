@@ -6,9 +6,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from flashdecode.checks import AttentionError, as_float_array, check_batch, check_count, check_scale
+from flashdecode.checks import (AttentionError, as_float_array, check_batch, check_count, check_query_lens,
+                               check_scale, check_variants)
 from flashdecode.naive import attention_reference
+from flashdecode.storage import dequantize_int8, storage_dtype, store_tokens
 from flashdecode.tiling import flash_attention_numpy
+from flashdecode.variants import add_sinks
 
 # %% book/04_ragged_batching.ipynb #555af922
 @dataclass(frozen=True)
@@ -60,10 +63,11 @@ class KvCache:
         capacity = check_count("capacity", capacity)
         num_kv_heads = check_count("num_kv_heads", num_kv_heads, 1)
         head_dim = check_count("head_dim", head_dim, 1)
-        if np.dtype(dtype).kind != "f":
-            raise AttentionError(f"dtype must be a real float type; got {np.dtype(dtype)}")
+        dtype = storage_dtype(dtype)                 # float32, float16, bfloat16 or int8: chapter 08
         self.keys = np.zeros((num_slots, capacity, num_kv_heads, head_dim), dtype)
         self.values = np.zeros_like(self.keys)
+        # int8 keeps a float32 scale per token and kv head (chapter 08); None for the float formats
+        self.scales = None if dtype != np.int8 else tuple(np.zeros(self.keys.shape[:3], np.float32) for _ in "kv")
         self.positions = np.zeros(num_slots, np.int64)
 
     @property
@@ -85,8 +89,7 @@ class KvCache:
         if start + len(k) > self.capacity:
             raise AttentionError(f"slot {slot} would overflow: position {start} + {len(k)} new tokens "
                                  f"> capacity {self.capacity}")
-        self.keys[slot, start:start + len(k)] = k
-        self.values[slot, start:start + len(k)] = v
+        store_tokens(self.keys, self.values, self.scales, (slot, slice(start, start + len(k))), k, v)
         self.positions[slot] = start + len(k)
 
     def position(self, slot_index):
@@ -102,7 +105,8 @@ class KvCache:
 
 
 class KvCacheView:
-    """BatchedKvView over some slots of a KvCache; keys and values are views, never copies."""
+    """BatchedKvView over some slots of a KvCache; keys and values are views, never copies (but for an
+    int8 cache, whose kv_for_slot gives float32 copies: the kernel reads kv_int8_for_slot instead)."""
 
     def __init__(self, cache, slot_indices):
         self.cache = cache
@@ -117,20 +121,39 @@ class KvCacheView:
 
     def kv_for_slot(self, slot):
         index = self.slot_indices[slot]
-        return self.cache.keys[index], self.cache.values[index]
+        if self.cache.scales is None:
+            return self.cache.keys[index], self.cache.values[index]
+        return tuple(dequantize_int8(array[index, :self.positions[slot]], scales[index, :self.positions[slot]])
+                     for array, scales in zip((self.cache.keys, self.cache.values), self.cache.scales))
+
+    def kv_int8_for_slot(self, slot):
+        """An int8 cache's slot as stored, (keys, values, key scales, value scales), views; None for the others."""
+        index = self.slot_indices[slot]
+        if self.cache.scales is not None:
+            return self.cache.keys[index], self.cache.values[index], *(scales[index] for scales in self.cache.scales)
 
 # %% book/04_ragged_batching.ipynb #d283ea15
-def batched_flash_attention_numpy(q_batch, kv_view, softmax_scale=None, *, return_lse=False, tile_size=64):
-    """Decode attention for a ragged batch with the numpy backend: one flash call per slot."""
-    q_batch, slots = check_batch(q_batch, kv_view)
+def batched_flash_attention_numpy(q_batch, kv_view, softmax_scale=None, *, return_lse=False, tile_size=64,
+                                  query_lens=None, **variants):
+    """Decode attention for a ragged batch with the numpy backend: one flash call per slot.
+
+    Slot b's queries are its last query_lens[b] tokens (one each by default), causal within the slot;
+    `variants` are chapter 09's window_left, softcap, alibi_slopes and sinks.
+    """
+    q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot=query_lens is None)
+    counts = check_query_lens(query_lens, [position for position, _, _ in slots], len(q_batch))
     scale = check_scale(softmax_scale, q_batch.shape[2])
+    sinks = check_variants(q_batch.shape[1], **variants)[3]
     out = np.zeros(q_batch.shape, np.float32)
     lse = np.full(q_batch.shape[:2], -np.inf, np.float32)
+    first_row = np.cumsum(counts) - counts
     for b, (position, k, v) in enumerate(slots):
+        rows = slice(first_row[b], first_row[b] + counts[b])
         if position:
-            out_b, lse_b = flash_attention_numpy(q_batch[b:b + 1], k[:position], v[:position], scale,
-                                                 return_lse=True, tile_size=tile_size)
-            out[b], lse[b] = out_b[0], lse_b[0]
+            out[rows], lse[rows] = flash_attention_numpy(q_batch[rows], k[:position], v[:position], scale, True,
+                                                         return_lse=True, tile_size=tile_size, **variants)
+        else:                              # nothing to attend to: zeros, and the sinks' share of the softmax
+            out[rows], lse[rows] = add_sinks(out[rows], lse[rows], sinks)
     return (out, lse) if return_lse else out
 
 

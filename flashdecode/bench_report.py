@@ -15,8 +15,9 @@ import tracemalloc
 
 import numpy as np
 
-from flashdecode.api import batched_flash_attention, get_num_threads
-from flashdecode.batching import batched_reference
+from flashdecode.api import batched_flash_attention, flash_attention_forward, get_num_threads
+from flashdecode.batching import KvCache, batched_reference
+from flashdecode.paged import PagedKvCache
 from flashdecode.bench import (ROOF_BYTES, CacheFlusher, Scenario, make_inputs, rel_err, scenarios, threaded,
                                time_interleaved)
 
@@ -257,6 +258,69 @@ def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
     return rows
 
 
+def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeats=7):
+    """The same batch as a KvCache and as a PagedKvCache (blocks of `block_size`), timed in rotation.
+    Returns (contiguous s, paged s)."""
+    q, cache = make_inputs(scenario)
+    pool = PagedKvCache(sum(-(-n // block_size) for n in scenario.lengths), block_size,
+                        scenario.num_kv_heads, scenario.head_dim)
+    seqs = [pool.new_sequence() for _ in scenario.lengths]
+    for slot, (seq, n) in enumerate(zip(seqs, scenario.lengths)):
+        pool.append(seq, cache.keys[slot, :n], cache.values[slot, :n])
+    contiguous, paged = cache.view(range(len(seqs))), pool.view(seqs)
+    assert rel_err(batched_flash_attention(q, paged), batched_flash_attention(q, contiguous)) < 1e-5
+    timed = time_interleaved({"contiguous": lambda: batched_flash_attention(q, contiguous, num_threads=num_threads),
+                              "paged": lambda: batched_flash_attention(q, paged, num_threads=num_threads)},
+                             repeats, flush)
+    return timed["contiguous"][0], timed["paged"][0]
+
+
+STORAGE_FORMATS = ("float32", "float16", "bfloat16", "int8")
+BYTES_PER_NUMBER = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def storage_formats(scenario, num_threads, flush, roof_data, repeats=7):
+    """The scenario's batch from a cache of each storage format, in rotation with the roof. Returns a row per
+    format: time, tokens/s, speed-up over float32, and the bytes actually read (values and int8 scales) / time
+    as a fraction of the roof."""
+    q, source = make_inputs(scenario)
+    num_slots = len(scenario.lengths)
+    methods, caches = {}, {}
+    for format in STORAGE_FORMATS:
+        cache = caches[format] = KvCache(num_slots, max(scenario.lengths), scenario.num_kv_heads, scenario.head_dim,
+                                         dtype=format)
+        for slot, n in enumerate(scenario.lengths):
+            cache.append(slot, source.keys[slot, :n], source.values[slot, :n])
+        methods[format] = (lambda cache=cache: batched_flash_attention(q, cache.view(range(num_slots)),
+                                                                       num_threads=num_threads))
+    del source
+    methods["roof"] = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
+    timed = time_interleaved(methods, repeats, flush)
+    roof = roof_data.nbytes / min(timed.pop("roof")[1])
+    tokens = int(np.sum(scenario.lengths))
+    rows = []
+    for format, (seconds, _) in timed.items():
+        read = tokens * scenario.num_kv_heads * 2 * (scenario.head_dim * BYTES_PER_NUMBER[format]
+                                                     + (4 if format == "int8" else 0))
+        rows.append({"scenario": scenario.name, "format": format, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+                     "speedup": timed["float32"][0] / seconds, "roof_frac": read / seconds / roof})
+    return rows
+
+
+def window_against_short_cache(num_threads, flush, length=65536, window_left=256, repeats=7):
+    """One MQA decode step over a `length`-token cache with and without a window, and over a cache as short as
+    the window, timed in rotation. Returns {label: s}."""
+    q, cache = make_inputs(Scenario("window", [length], 8, 1))
+    keys, values = cache.keys[0, :length], cache.values[0, :length]
+    short_keys, short_values = keys[-window_left - 1:].copy(), values[-window_left - 1:].copy()
+    methods = {f"{length} tokens, window_left={window_left}":
+               lambda: flash_attention_forward(q, keys, values, window_left=window_left, num_threads=num_threads),
+               f"{window_left + 1} tokens": lambda: flash_attention_forward(q, short_keys, short_values,
+                                                                          num_threads=num_threads),
+               f"{length} tokens, no window": lambda: flash_attention_forward(q, keys, values, num_threads=num_threads)}
+    return {label: median for label, (median, _) in time_interleaved(methods, repeats, flush).items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m flashdecode.bench_report", description="flashdecode decode-attention benchmark")
     parser.add_argument("--quick", action="store_true", help="caches a quarter the size, fewer repeats")
@@ -272,6 +336,15 @@ def main(argv=None):
     rows = run(args.quick, threads, args.scenario)
     print("memory per call ...", file=sys.stderr, flush=True)
     memory = memory_per_call(num_threads=threads)
+    print("paged against contiguous, and a window over a long cache ...", file=sys.stderr, flush=True)
+    flush = CacheFlusher()
+    paged = {s.name: paged_against_contiguous(s, threads, flush) for s in scenarios(args.quick)
+             if s.name in ("uniform", "ragged")}
+    window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
+    print("storage formats ...", file=sys.stderr, flush=True)
+    roof_data = np.ones(ROOF_BYTES // 4, np.float32)
+    formats = [row for s in scenarios(args.quick) if s.name in ("uniform", "ragged", "mqa-64k", "gqa-g8")
+               for row in storage_formats(s, threads, flush, roof_data)]
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
@@ -290,6 +363,15 @@ def main(argv=None):
         rss = "n/a" if m["rss_kib"] is None else f"{m['rss_kib']:.0f} KiB"
         print(f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
               f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}")
+    for name, (contiguous, paged_s) in paged.items():
+        print(f"paged (blocks of 16) against contiguous, {name}: {contiguous * 1e3:.2f} ms contiguous, "
+              f"{paged_s * 1e3:.2f} ms paged: paged runs at {contiguous / paged_s:.0%} of the contiguous speed")
+    print("sliding window, one MQA decode step (H=8/1 D=128): "
+          + ", ".join(f"{label} {seconds * 1e3:.3f} ms" for label, seconds in window.items()))
+    print("storage formats (the same batch from a cache of each format; roof: bytes actually read / time):")
+    for row in formats:
+        print(f"  {row['scenario']:8} {row['format']:9} {row['ms']:8.2f} ms  {row['tokens_per_s'] / 1e6:7.2f} M tokens/s  "
+              f"{row['speedup']:5.2f}x float32  {row['roof_frac']:5.0%} of the roof")
     print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
           f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
     print(f"saved {saved} in {args.out}/", file=sys.stderr)

@@ -3,23 +3,28 @@
 # %% book/03_tiling.ipynb #710188a4
 import numpy as np
 
-from flashdecode.checks import AttentionError, check_attention_inputs, check_count
+from flashdecode.checks import AttentionError, check_attention_inputs, check_count, check_variants
 from flashdecode.online import online_softmax_step
+from flashdecode.variants import add_sinks, adjust_scores, visible_keys
 
 # %% book/03_tiling.ipynb #1e686301
-def flash_attention_numpy(q, k, v, softmax_scale=None, causal=False, *, return_lse=False, tile_size=64):
+def flash_attention_numpy(q, k, v, softmax_scale=None, causal=False, *, return_lse=False, tile_size=64,
+                          window_left=None, softcap=None, alibi_slopes=None, sinks=None):
     """Tiled flash attention forward in numpy (the teaching version of the compiled kernel).
 
     q (Lq, H, D), k and v (Lkv, Hkv, D) -> out (Lq, H, D) float32, and lse (Lq, H) if return_lse.
+    window_left, softcap, alibi_slopes and sinks: the variants of chapter 09 (off by default).
     """
-    q, k, v, scale = check_attention_inputs(q, k, v, softmax_scale, causal)    # the contract: end of chapter
+    masked = causal or window_left is not None          # a sliding window is causal too
+    q, k, v, scale = check_attention_inputs(q, k, v, softmax_scale, masked)    # the contract: end of chapter
+    window_left, softcap, alibi_slopes, sinks = check_variants(q.shape[1], window_left, softcap, alibi_slopes, sinks)
     tile_size = check_count("tile_size", tile_size, 1)
     q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     out = np.zeros((q_len, num_heads, head_dim), np.float32)
     lse = np.full((q_len, num_heads), -np.inf, np.float32)
-    last_visible = np.arange(q_len) + (kv_len - q_len)          # causal: row i sees keys j <= i + Lkv - Lq
+    q_positions = np.arange(q_len) + (kv_len - q_len)           # causal: row i sees keys j <= i + Lkv - Lq
     for kv_head in range(num_kv_heads):
         heads = slice(kv_head * group, (kv_head + 1) * group)
         q_group = q[:, heads, :].astype(np.float32) * np.float32(scale)      # (Lq, G, D)
@@ -31,13 +36,17 @@ def flash_attention_numpy(q, k, v, softmax_scale=None, causal=False, *, return_l
             k_tile = k[start:stop, kv_head].astype(np.float32, copy=False)   # (T, D), a view when float32
             v_tile = v[start:stop, kv_head].astype(np.float32, copy=False)
             scores = q_group @ k_tile.T                                      # (Lq, G, T)
-            if causal:
-                hidden = np.arange(start, stop)[None, :] > last_visible[:, None]   # (Lq, T)
+            key_positions = np.arange(start, stop)
+            scores = adjust_scores(scores, q_positions, key_positions, softcap,
+                                   None if alibi_slopes is None else alibi_slopes[heads])
+            if masked:
+                hidden = ~visible_keys(q_positions, key_positions, window_left)          # (Lq, T)
                 scores[np.broadcast_to(hidden[:, None, :], scores.shape)] = -np.inf
             row_max, row_sum, acc, _ = online_softmax_step(row_max, row_sum, acc, scores, v_tile)
         seen = row_sum > 0
         out[:, heads] = np.where(seen[..., None], acc / np.where(seen, row_sum, 1)[..., None], 0)
         lse[:, heads] = np.where(seen, row_max + np.log(np.where(seen, row_sum, 1)), -np.inf)
+    out, lse = add_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 # %% book/03_tiling.ipynb #5d6191b5

@@ -422,3 +422,110 @@ def ragged_frames(distributions=LENGTH_DISTRIBUTIONS, num_slots=16, typical=512,
         ax.set_visible(False)
     figure.tight_layout()
     return figure
+
+# %% book/A1_drawing_the_explorers.ipynb #b3d91e7d
+from matplotlib.patches import Patch
+
+from flashdecode.paged import PAGED_SCENARIO, pool_history, sequence_names
+
+POOL_COLUMNS = 8
+SEQUENCE_COLOURS = np.delete(TILE_COLOURS, 7, axis=0)     # C7 is grey: too close to a free block
+
+
+def sequence_colour(owner):
+    """RGBA of a sequence (its index in the scenario's names); the free colour for -1."""
+    return np.array(UNSEEN) if owner < 0 else SEQUENCE_COLOURS[owner % len(SEQUENCE_COLOURS)]
+
+
+class PoolPanel:
+    """The pool as a grid of blocks on an axes, POOL_COLUMNS per row, block 0 top left.
+
+    `show(snapshot)` updates three artists in place: `cells` (one grey square per block), `fill` (one bar per
+    block, as wide as the share of the block in use and coloured by the sequence holding it; zero wide when
+    the block is free) and `shared` (one text per block: "×n" when n sequences hold it).
+    """
+
+    def __init__(self, ax, num_blocks, block_size, names):
+        self.ax, self.block_size, self.names = ax, block_size, list(names)
+        self.rows, self.columns = np.divmod(np.arange(num_blocks), POOL_COLUMNS)
+        a = self.artists = {}
+        a["cells"] = ax.add_collection(PolyCollection(_bars(self.rows, self.columns, self.columns + 0.92, 0.84),
+                                                      facecolor="0.94", edgecolor="0.7", lw=0.5))
+        a["fill"] = ax.add_collection(PolyCollection([], lw=0))
+        a["shared"] = [ax.text(c + 0.46, r, "", ha="center", va="center", fontsize=9, fontweight="bold")
+                       for r, c in zip(self.rows, self.columns)]
+        for block, (r, c) in enumerate(zip(self.rows, self.columns)):
+            ax.text(c + 0.05, r - 0.3, str(block), fontsize=6, color="0.45", va="center")
+        ax.set_xlim(-0.1, POOL_COLUMNS)
+        ax.set_ylim(self.rows.max(initial=0) + 0.6, -0.6)
+        ax.set_axis_off()
+        ax.legend(handles=[Patch(color=sequence_colour(i), label=name) for i, name in enumerate(self.names)]
+                  + [Patch(color="0.94", label="free")], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+
+    def show(self, snapshot):
+        share = snapshot.filled / self.block_size
+        self.artists["fill"].set_verts(_bars(self.rows, self.columns, self.columns + 0.92 * share, 0.84))
+        self.artists["fill"].set_facecolor([sequence_colour(owner) for owner in snapshot.owners])
+        for text, count in zip(self.artists["shared"], snapshot.ref_counts):
+            text.set_text(f"×{count}" if count > 1 else "")
+        self.ax.set_title(f"{snapshot.label} · {len(snapshot.free_blocks)} free", fontsize=10)
+
+# %% book/A1_drawing_the_explorers.ipynb #bd1011f6
+class PagedPoolExplorer:
+    """Step through a scenario on a PagedKvCache: the pool as a grid of blocks coloured by sequence.
+
+    Controls: `step` (slider) and `play`; read back `history` (one PoolSnapshot per step, from
+    pool_history), `snapshot` (the one shown), `artists` and the rendered `image`.
+    """
+
+    def __init__(self, script=PAGED_SCENARIO, num_blocks=32, block_size=4, dpi=72):
+        self.history = pool_history(script, num_blocks, block_size)
+        self.step = widgets.IntSlider(value=0, min=0, max=len(self.history) - 1, description="step",
+                                      layout=widgets.Layout(width="560px"))
+        self.play = widgets.Play(value=0, min=0, max=len(self.history) - 1, interval=900, description="play")
+        widgets.link((self.play, "value"), (self.step, "value"))
+        self.readout = widgets.HTML()
+        self.readout.add_class("flashdecode-readout")
+        self.image = widgets.Image(format="png")
+        self.figure = Figure(figsize=(8, 0.9 + 0.55 * -(-num_blocks // POOL_COLUMNS)), dpi=dpi)
+        self.figure.subplots_adjust(left=0.02, right=0.84, top=0.86, bottom=0.03)
+        self.panel = PoolPanel(self.figure.add_subplot(), num_blocks, block_size, sequence_names(script))
+        self.artists = self.panel.artists
+        self.widget = widgets.VBox([widgets.HBox([self.play, self.step]), self.readout, self.image])
+        self.step.observe(lambda change: self._draw(), "value")
+        self._draw()
+
+    @property
+    def snapshot(self):
+        return self.history[self.step.value]
+
+    def _draw(self):
+        snapshot = self.snapshot
+        self.panel.show(snapshot)
+        tables = " · ".join(f"{name}: {table} ({snapshot.positions[name]} tokens)"
+                            for name, table in snapshot.tables.items())
+        self.readout.value = (f"<b>step {self.step.value} of {len(self.history) - 1}: {snapshot.label}</b><br>"
+                              f"block tables: {tables or 'none'}<br>free list (next block last): "
+                              f"{list(snapshot.free_blocks)}")
+        self.image.value = figure_png(self.figure)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = (f"PagedPoolExplorer: {len(self.history) - 1} steps, a live widget "
+                                f"(run the notebook in Jupyter to use it; its static frames follow)")
+        return bundle
+
+
+def pool_frames(explorer, steps):
+    """Small multiples for readers without a kernel: the pool after each chosen step, as the explorer draws it."""
+    figure = Figure(figsize=(13, 2.6 * -(-len(steps) // 2)), dpi=72)
+    axes = figure.subplots(-(-len(steps) // 2), 2, squeeze=False).ravel()
+    figure.subplots_adjust(left=0.01, right=0.92, top=0.9, bottom=0.02, wspace=0.22, hspace=0.3)
+    for ax, step in zip(axes, steps):
+        snapshot = explorer.history[step]
+        panel = PoolPanel(ax, len(snapshot.owners), explorer.panel.block_size, explorer.panel.names)
+        panel.show(snapshot)
+        ax.set_title(f"step {step}: " + ax.get_title(), fontsize=9)
+    for ax in axes[len(steps):]:
+        ax.set_visible(False)
+    return figure

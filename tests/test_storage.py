@@ -1,0 +1,135 @@
+"""Storage formats (chapter 08): float16, bfloat16 and int8 caches read in place by every tile kernel, exactly
+the float32 answer over the numbers as stored; quantisation; the error contract; memory per call."""
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from flashdecode import AttentionError, KvCache, KvSlot, ListKvView, PagedKvCache, _kernels, batched_flash_attention
+from flashdecode.storage import dequantize_int8, quantize_int8, storage_dtype
+from conftest import BACKENDS, TILE_KERNELS, rel_err
+
+FORMATS = ["float32", "float16", "bfloat16", "int8"]
+
+
+def stored(x, format):
+    """x as a cache of this format stores it, and the float32 numbers that stands for (values, scales, floats)."""
+    if format == "int8":
+        values, scales = quantize_int8(x)
+        return values, scales, dequantize_int8(values, scales)
+    values = x.astype(storage_dtype(format))
+    return values, None, values.astype(np.float32)
+
+
+@pytest.fixture(params=["f16c", "integer conversion"])
+def float16_path(request):
+    """Run a test with the SIMD kernels reading float16 through F16C, then through the integer conversion."""
+    _kernels.use_f16c(request.param == "f16c")
+    yield request.param
+    _kernels.use_f16c(True)
+
+
+@pytest.mark.parametrize("kernels", TILE_KERNELS)
+@pytest.mark.parametrize("format", FORMATS)
+def test_tile_kernels_read_every_format_exactly(kernels, format, float16_path):
+    rng = np.random.default_rng(FORMATS.index(format))
+    for group in range(1, 9):
+        for n in (0, 1, 2, 3, 4, 5, 8, 17, 40):
+            head_dim = 1 + (n * 7 + group) % 40
+            q = rng.standard_normal((2 * group, head_dim)).astype(np.float32)
+            keys, scales, floats = stored(rng.standard_normal((n, 2, head_dim)).astype(np.float32) * 3, format)
+            heads = np.repeat(np.arange(2), group)
+            scores = _kernels.tile_scores(q, keys, kernels, k_scales=scales)
+            assert np.allclose(scores, np.einsum("hd,nhd->hn", q, floats[:, heads]), rtol=1e-5, atol=1e-4)
+            acc = np.zeros((2 * group, head_dim), np.float32)
+            _kernels.tile_update(acc, scores, keys, kernels, v_scales=scales)
+            assert np.allclose(acc, np.einsum("hn,nhd->hd", scores, floats[:, heads]), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernels", TILE_KERNELS)
+def test_float16_special_values(kernels, float16_path):
+    """Subnormals, the largest float16, infinities and NaN convert exactly (the integer and the F16C paths)."""
+    special = np.array([6e-8, -6e-6, 65504, -65504, np.inf, -np.inf, 0.0, -0.0, 1.0, np.nan, 3.14, 1e-4, 2.0,
+                        -2.5, 100.0, 7e-5], np.float16)
+    values = np.broadcast_to(special, (1, 1, 16)).copy()
+    acc = np.zeros((1, 16), np.float32)
+    _kernels.tile_update(acc, np.ones((1, 1), np.float32), values, kernels)      # acc = 1 · value, lane by lane
+    expected = special.astype(np.float32)
+    assert np.array_equal(np.isnan(acc[0]), np.isnan(expected))
+    assert np.array_equal(acc[0][~np.isnan(expected)], expected[~np.isnan(expected)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("format", FORMATS)
+def test_caches_give_the_float32_answer_over_the_stored_numbers(backend, format):
+    rng = np.random.default_rng(3)
+    lengths = [300, 0, 77, 1000, 1]
+    cache, exact = KvCache(5, 1000, 2, 64, dtype=format), KvCache(5, 1000, 2, 64)
+    paged = PagedKvCache(200, 16, 2, 64, dtype=format)
+    seqs = [paged.new_sequence() for _ in lengths]
+    for slot, n in enumerate(lengths):
+        k, v = rng.standard_normal((2, n, 2, 64))
+        cache.append(slot, k, v)
+        paged.append(seqs[slot], k, v)
+        exact.append(slot, stored(k.astype(np.float32), format)[2], stored(v.astype(np.float32), format)[2])
+    fork = paged.fork(seqs[2])
+    paged.append(fork, *rng.standard_normal((2, 3, 2, 64)))           # a copy-on-write copies the scales too
+    q_batch = rng.standard_normal((5, 8, 64)).astype(np.float32)
+    ref, ref_lse = batched_flash_attention(q_batch, exact.view(range(5)), return_lse=True, backend="numpy")
+    for view in (cache.view(range(5)), paged.view(seqs)):
+        out, lse = batched_flash_attention(q_batch, view, return_lse=True, backend=backend, split_size=128)
+        assert rel_err(out, ref) < 1e-4 and np.allclose(lse, ref_lse, atol=1e-4), type(view).__name__
+
+
+def test_int8_no_worse_than_a_plain_absmax_quantiser():
+    """Per token and kv head scales: never worse than one absmax scale for the whole tensor."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, 4, 64)).astype(np.float32)
+    x[:, :, :3] *= 15                                               # outlier channels
+    values, scales = quantize_int8(x)
+    one = np.abs(x).max() / 127
+    assert np.abs(dequantize_int8(values, scales) - x).mean() <= np.abs(np.rint(x / one) * one - x).mean()
+    assert np.all(np.abs(dequantize_int8(values, scales) - x) <= scales[..., None] / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_formats_across_slots_work(backend):
+    rng = np.random.default_rng(5)
+    keys = [rng.standard_normal((n, 2, 16)).astype(dtype) for n, dtype in
+            [(40, np.float32), (30, np.float16), (20, ml_dtypes.bfloat16), (10, np.float64)]]
+    view = ListKvView([KvSlot(b, b, len(k)) for b, k in enumerate(keys)], keys, keys)
+    exact = ListKvView([KvSlot(b, b, len(k)) for b, k in enumerate(keys)], [k.astype(np.float32) for k in keys],
+                       [k.astype(np.float32) for k in keys])
+    q = rng.standard_normal((4, 4, 16)).astype(np.float32)
+    assert rel_err(batched_flash_attention(q, view, backend=backend),
+                   batched_flash_attention(q, exact, backend="numpy")) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.complex64, object, "float8", "int4", np.uint8])
+def test_bad_storage_dtypes(dtype):
+    for make in (lambda: KvCache(2, 8, 1, 4, dtype=dtype), lambda: PagedKvCache(4, 4, 1, 4, dtype=dtype)):
+        with pytest.raises(AttentionError, match="dtype must be one of"):
+            make()
+
+
+def test_int8_arrays_without_scales_are_refused():
+    keys = np.ones((5, 1, 4), np.int8)
+    view = ListKvView([KvSlot(0, 0, 5)], [keys], [keys])
+    with pytest.raises(AttentionError, match="real float array"):
+        batched_flash_attention(np.ones((1, 1, 4), np.float32), view)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_extra_memory_per_call_does_not_grow_with_the_cache(format):
+    peaks = []
+    for length in (1024, 16384):
+        cache = KvCache(2, length, 2, 64, dtype=format)
+        cache.positions[:] = length
+        q = np.ones((2, 8, 64), np.float32)
+        batched_flash_attention(q, cache.view([0, 1]))
+        tracemalloc.start()
+        batched_flash_attention(q, cache.view([0, 1]))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < peaks[0] * 1.5 + 4096, peaks
