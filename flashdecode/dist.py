@@ -231,7 +231,6 @@ class ShardWrites(ShardSet):
         k, v = as_float_array("k", k, wanted), as_float_array("v", v, wanted)
         if k.shape[1:] != (self.num_kv_heads, self.head_dim) or v.shape != k.shape:
             raise AttentionError(f"k and v must both have shape {wanted}; got k {k.shape} and v {v.shape}")
-        k, v = np.asarray(k, self.dtype), np.asarray(v, self.dtype)
         if self.shard_by == "head":
             if self.position(slot) + len(k) > self.capacity:
                 raise AttentionError(f"slot {slot} would overflow: position {self.position(slot)} + {len(k)} new "
@@ -307,7 +306,8 @@ class ShardedKvCache(ShardSteps):
     shards). block_size: None fills the shards in order; an int deals blocks of that many tokens
     round-robin. timeout: seconds a step, append or reset may wait for the shards before AttentionError
     naming them; start_timeout: the same for starting (or restoring) a shard's actor, a new process.
-    storage: the cache class each shard holds (see ShardWorker); num_threads: the kernel's threads in each
+    dtype: each shard's storage format (KvCache's: float32, float16, "bfloat16", "int8"; the shard's cache
+    converts the floats it is sent). storage: the cache class each shard holds (see ShardWorker); num_threads: the kernel's threads in each
     shard; actor_options: Ray's options for the actors (default {"num_cpus": 0}). Starts a local Ray
     (start_local_ray) unless one is running.
     """

@@ -224,8 +224,10 @@ def test_tree_merge_and_placement_without_ray():
 
 
 def test_readme_example_runs(local_ray):
+    """The README's Ray example is fenced `py`, not `python`: tests/test_readme.py runs the `python` blocks in
+    the main test process, which must not start Ray (see tests/test_dist.py)."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "flashdecode.dist" in block)
+    code = next(block for block in re.findall(r"```py\n(.*?)```", readme, re.S) if "flashdecode.dist" in block)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), {})
