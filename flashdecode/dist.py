@@ -8,6 +8,7 @@ import numpy as np
 from flashdecode.api import batched_flash_attention
 from flashdecode.batching import KvCache
 from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_scale
+from flashdecode.paged import PagedKvCache
 from flashdecode.tiling import merge_states
 
 SHARD_BY = ("sequence", "head")
@@ -73,6 +74,26 @@ class ShardWorker:
     def snapshot(self):
         """The cache itself: returned through Ray it is a copy, kept in Ray's object store."""
         return self.cache
+
+# %% book/12_beyond_one_machine.ipynb #c12padap
+class PagedSlots:
+    """A PagedKvCache addressed by slot number, so that a shard can hold one (storage=PagedSlots): slot i is
+    one sequence of a pool with room for `capacity` tokens in every slot; reset frees the slot's blocks."""
+
+    def __init__(self, num_slots, capacity, num_kv_heads, head_dim, dtype=np.float32, block_size=16):
+        blocks = num_slots * -(-capacity // block_size)
+        self.paged = PagedKvCache(blocks, block_size, num_kv_heads, head_dim, dtype)
+        self.sequences = [self.paged.new_sequence() for _ in range(num_slots)]
+
+    def append(self, slot, k, v):
+        self.paged.append(self.sequences[slot], k, v)
+
+    def reset(self, slot):
+        self.paged.free(self.sequences[slot])
+        self.sequences[slot] = self.paged.new_sequence()
+
+    def view(self, slots):
+        return self.paged.view([self.sequences[s] for s in slots])
 
 # %% book/12_beyond_one_machine.ipynb #f32e67c9
 def place_tokens(start, count, rooms, block_size=None):

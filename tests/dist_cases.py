@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from flashdecode import AttentionError, KvCache, batched_flash_attention
-from flashdecode.dist import ShardedKvCache, place_tokens, start_local_ray, step_traffic_bytes, tree_merge
+from flashdecode.dist import PagedSlots, ShardedKvCache, place_tokens, start_local_ray, step_traffic_bytes, tree_merge
 
 from conftest import rel_err
 
@@ -83,16 +83,16 @@ def assert_same_step(cache, local, rng, num_heads, slots=None):
     return q, out, lse
 
 
-@pytest.mark.parametrize("num_shards, capacity, block_size", [
-    (1, 340, None),                      # one shard: the kernel behind one round trip
-    (2, [100, 250], None),               # uneven, filled in order
-    (3, [120, 0, 230], None),            # a shard with no room at all
-    (4, 96, 16),                         # blocks of 16 dealt round-robin
-], ids=["1-shard", "2-uneven", "3-one-empty", "4-round-robin"])
-def test_sequence_sharding_equals_the_kernel(local_ray, num_shards, capacity, block_size):
+@pytest.mark.parametrize("num_shards, capacity, block_size, storage", [
+    (1, 340, None, KvCache),             # one shard: the kernel behind one round trip
+    (2, [100, 250], None, PagedSlots),   # uneven, filled in order; each shard a paged cache (chapter 07)
+    (3, [120, 0, 230], None, KvCache),   # a shard with no room at all
+    (4, 96, 16, KvCache),                # blocks of 16 dealt round-robin
+], ids=["1-shard", "2-uneven-paged", "3-one-empty", "4-round-robin"])
+def test_sequence_sharding_equals_the_kernel(local_ray, num_shards, capacity, block_size, storage):
     rng = np.random.default_rng(num_shards)
     with ShardedKvCache(len(LENGTHS), capacity, NUM_KV_HEADS, HEAD_DIM, num_shards=num_shards,
-                        block_size=block_size, timeout=20) as cache:
+                        block_size=block_size, timeout=20, storage=storage) as cache:
         local = filled(cache, rng)
         assert [cache.position(s) for s in range(len(LENGTHS))] == LENGTHS
         assert cache.positions.sum(axis=0).tolist() == LENGTHS
