@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx $(wildcard flashdecode/*.h)
 BUILT  := $(VENV)/.built
 
-.PHONY: test lab build export run figures bench annotate clean
+.PHONY: test lint lab build export run figures bench annotate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,18 @@ $(BUILT): $(STAMP) $(KERNEL) setup.py
 
 build: $(BUILT)
 
+# style: ruff (pinned in the dev extra, configured in pyproject.toml), check and format; both always run, so one
+# look shows everything. The notebooks are linted as they are (ruff reads .ipynb), the generated modules too.
+LINTED := flashdecode tests book/*.py book/*.ipynb setup.py
+lint: $(STAMP)
+	@status=0; \
+	$(VENV)/bin/ruff check $(LINTED) || status=1; \
+	$(VENV)/bin/ruff format --check $(LINTED) || status=1; \
+	exit $$status
+
+# lint first: a style slip fails in seconds, not after the suite
 # -rs prints every skip's reason: the browser test says why it did not run (no /usr/bin/chromium)
-test: $(BUILT)
+test: lint $(BUILT)
 	$(PY) -m pytest tests -rs
 	$(PY) -m pytest --nbval book --nbval-sanitize-with book/sanitize.cfg -p no:cacheprovider
 

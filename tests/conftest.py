@@ -5,7 +5,7 @@ from flashdecode import KvSlot, ListKvView
 
 # every backend, so each test covers the plain Cython tile kernels, the SIMD ones, the default and numpy
 BACKENDS = ["auto", "simd", "cython", "numpy"]
-TILE_KERNELS = ["cython", "simd"]          # the compiled tile-kernel sets (flashdecode._kernels.KERNEL_SETS)
+TILE_KERNELS = ["cython", "simd"]  # the compiled tile-kernel sets (flashdecode._kernels.KERNEL_SETS)
 
 
 def rel_err(x, ref):
