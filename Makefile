@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx $(wildcard flashdecode/*.h)
 BUILT  := $(VENV)/.built
 
-.PHONY: test lint lab build export run figures bench annotate clean
+.PHONY: test lint lab build export run figures bench annotate book clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ build: $(BUILT)
 
 # style: ruff (pinned in the dev extra, configured in pyproject.toml), check and format; both always run, so one
 # look shows everything. The notebooks are linted as they are (ruff reads .ipynb), the generated modules too.
-LINTED := flashdecode tests book/*.py book/*.ipynb setup.py
+LINTED := flashdecode tests book/*.py book/*.ipynb setup.py site/conf.py
 lint: $(STAMP)
 	@status=0; \
 	$(VENV)/bin/ruff check $(LINTED) || status=1; \
@@ -59,6 +59,14 @@ figures: $(BUILT)
 	from flashdecode.viz import explorer_frames, figure_png; \
 	open('book/figures/softmax_explorer_frames.png', 'wb').write(figure_png(explorer_frames( \
 	SoftmaxTrace(*random_scores(1000, spread=3.0, seed=0), tile_size=64)), colours=128))"
+
+# the book as a website in build/html (open build/html/index.html): Sphinx + myst-nb render the notebooks' stored
+# outputs (nothing is executed), MathJax is served from the site itself, warnings are errors. The API page imports
+# the built package (autodoc), hence $(BUILT). Always from scratch, so a renamed chapter leaves no stale page.
+book: $(BUILT)
+	rm -rf build/html build/doctrees build/jupyter_execute
+	$(PY) -m sphinx -W --keep-going -b html -q -d build/doctrees site build/html
+	@echo "the site: build/html/index.html"
 
 # torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
 BENCH_ARGS ?=
