@@ -28,43 +28,20 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = ROOT / "book" / "03_tiling.ipynb"
-CHROMIUM = os.environ.get("FLASHDECODE_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright's own build is not used
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
 EXPLORER_CELL = "explorer = SoftmaxExplorer(cache_len=1000, tile_size=64"
 N_TILES = 16  # 1,000 keys in tiles of 64
 SCREENSHOT = ROOT / "build" / "browser" / "softmax_explorer.png"
 
 
-def _missing():
-    if not os.path.exists(CHROMIUM):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install -e '.[dev]')"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _browser_available():
-    reason = _missing()
-    if reason and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI must run the browser test, but {reason}")
-    if reason:
-        pytest.skip(f"browser test skipped: {reason}")
+    require_browser()
 
 
 def _free_port():
