@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx $(wildcard flashdecode/*.h)
 BUILT  := $(VENV)/.built
 
-.PHONY: test lint lab build export run figures bench annotate book clean
+.PHONY: test lint lab build export run figures bench annotate book dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ book: $(BUILT)
 	$(PY) -m sphinx -W --keep-going -b html -q -d build/doctrees site build/html
 	@echo "the site: build/html/index.html"
 
+# the sdist and a wheel built from it (in an isolated build environment) into dist/
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
 # torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
 BENCH_ARGS ?=
 bench: $(BUILT)
@@ -80,5 +85,5 @@ annotate: $(STAMP)
 	@echo "open build/_kernels_annotated.html"
 
 clean:
-	rm -rf build $(VENV) *.egg-info flashdecode/*.so flashdecode/_kernels.c flashdecode/_kernels.html .pytest_cache
+	rm -rf build dist $(VENV) *.egg-info flashdecode/*.so flashdecode/_kernels.c flashdecode/_kernels.html .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
