@@ -108,14 +108,19 @@ def test_wheel_from_sdist_installs_and_runs_the_compiled_kernel_outside_the_chec
     extensions = [name for name in wheel_names if name.startswith("flashdecode/_kernels.") and name.endswith(".so")]
     assert len(extensions) == 1, wheel_names
 
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
-    python = venv / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(wheel)])
-
-    elsewhere = tmp_path / "elsewhere"  # not the checkout, so `import flashdecode` cannot find the source tree
+    # everything from here runs outside the checkout and without this interpreter's environment: a PYTHONPATH
+    # reaching the checkout would let pip find flashdecode "already installed" there and skip the wheel
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=elsewhere, env=env)
+    python = venv / "bin" / "python"
+    _run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(wheel)],
+        cwd=elsewhere,
+        env=env,
+    )
     result = _run([str(python), "-I", "-c", DECODE_STEP, str(tmp_path / "step.npz"), *BACKENDS], cwd=elsewhere, env=env)
     where = json.loads(result.stdout.strip().splitlines()[-1])
 
