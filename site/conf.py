@@ -48,3 +48,13 @@ html_theme_options = {
 html_last_updated_fmt = None
 html_copy_source = True
 html_show_sphinx = False
+
+
+def _plain_docstring(app, what, name, obj, options, lines):
+    """The package's docstrings are plain prose, not reStructuredText: `|p - j|` is an absolute value there, not
+    a substitution reference (which -W would turn into an error), so bars are escaped before autodoc parses them."""
+    lines[:] = [line.replace("|", "\\|") for line in lines]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _plain_docstring)
