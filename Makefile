@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 KERNEL := flashdecode/_kernels.pyx $(wildcard flashdecode/*.h)
 BUILT  := $(VENV)/.built
 
-.PHONY: test lab build export run figures bench annotate clean
+.PHONY: test lint lab build export run figures bench annotate book dist clean
 
 # hf: torch (pinned: the local CPU wheel) and transformers, for chapter 10 and tests/test_hf.py
 $(STAMP): pyproject.toml
@@ -23,8 +23,18 @@ $(BUILT): $(STAMP) $(KERNEL) setup.py
 
 build: $(BUILT)
 
+# style: ruff (pinned in the dev extra, configured in pyproject.toml), check and format; both always run, so one
+# look shows everything. The notebooks are linted as they are (ruff reads .ipynb), the generated modules too.
+LINTED := flashdecode tests book/*.py book/*.ipynb setup.py site/conf.py
+lint: $(STAMP)
+	@status=0; \
+	$(VENV)/bin/ruff check $(LINTED) || status=1; \
+	$(VENV)/bin/ruff format --check $(LINTED) || status=1; \
+	exit $$status
+
+# lint first: a style slip fails in seconds, not after the suite
 # -rs prints every skip's reason: the browser test says why it did not run (no /usr/bin/chromium)
-test: $(BUILT)
+test: lint $(BUILT)
 	$(PY) -m pytest tests -rs
 	$(PY) -m pytest --nbval book --nbval-sanitize-with book/sanitize.cfg -p no:cacheprovider
 
@@ -51,6 +61,19 @@ figures: $(BUILT)
 	open('book/figures/softmax_explorer_frames.png', 'wb').write(figure_png(explorer_frames( \
 	SoftmaxTrace(*random_scores(1000, spread=3.0, seed=0), tile_size=64)), colours=128))"
 
+# the book as a website in build/html (open build/html/index.html): Sphinx + myst-nb render the notebooks' stored
+# outputs (nothing is executed), MathJax is served from the site itself, warnings are errors. The API page imports
+# the built package (autodoc), hence $(BUILT). Always from scratch, so a renamed chapter leaves no stale page.
+book: $(BUILT)
+	rm -rf build/html build/doctrees build/jupyter_execute
+	$(PY) -m sphinx -W --keep-going -b html -q -d build/doctrees site build/html
+	@echo "the site: build/html/index.html"
+
+# the sdist and a wheel built from it (in an isolated build environment) into dist/
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
 # torch is only the comparison: pinned, so pip takes the local CPU wheel (plain `torch` means a multi-GB CUDA build)
 BENCH_ARGS ?=
 bench: $(BUILT)
@@ -63,5 +86,5 @@ annotate: $(STAMP)
 	@echo "open build/_kernels_annotated.html"
 
 clean:
-	rm -rf build $(VENV) *.egg-info flashdecode/*.so flashdecode/_kernels.c flashdecode/_kernels.html .pytest_cache
+	rm -rf build dist $(VENV) *.egg-info flashdecode/*.so flashdecode/_kernels.c flashdecode/_kernels.html .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -10,8 +10,8 @@ Without -march=native the kernel still uses AVX/FMA on CPUs that have them: its 
 kernels (flashdecode/_simd.h) carry `target_clones` (chosen at load time), see
 book/06_to_the_roof.ipynb. FLASHDECODE_NO_CLONES=1 builds only their plain x86-64 (SSE2) version.
 """
+
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -50,7 +50,7 @@ macros = [("FD_NO_CLONES", "1")] if os.environ.get("FLASHDECODE_NO_CLONES") == "
 extension = Extension(
     "flashdecode._kernels",
     ["flashdecode/_kernels.pyx"],
-    include_dirs=["flashdecode"],                       # the C headers exported from the book
+    include_dirs=["flashdecode"],  # the C headers exported from the book
     depends=["flashdecode/_openmp.h", "flashdecode/_simd.h"],
     define_macros=macros,
     extra_compile_args=compile_args,

@@ -14,6 +14,7 @@ into the package, so the module a chapter compiles is the one `make build` compi
 
 Not part of the package: only the notebooks use it (they run in book/, so `import booktools` finds it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ import export
 COMPILE_ARGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fopenmp"]
 LINK_ARGS = ["-fopenmp"]
 
-SOURCES: dict[str, dict[str, str]] = {}      # file name -> {piece name: text}, in the order first recorded
+SOURCES: dict[str, dict[str, str]] = {}  # file name -> {piece name: text}, in the order first recorded
 
 
 def record(target: str, name: str, text: str) -> None:
@@ -44,7 +45,7 @@ def kernel_source(line: str, cell: str) -> None:
     name = line.strip()
     lines = cell.strip("\n").splitlines()
     mark = lines[0].strip() if lines else ""
-    target = mark[len(export.EXPORT_MARK):].strip()
+    target = mark[len(export.EXPORT_MARK) :].strip()
     if not name or not mark.startswith(export.EXPORT_MARK) or "." not in target:
         raise ValueError("a kernel_source cell is `%%kernel_source NAME` then `#| export FILE` (e.g. _simd.h)")
     record(target, name, "\n".join(lines[1:]))
@@ -82,8 +83,13 @@ def build_kernel(extra_compile_args: tuple = (), quiet: bool = True):
     (folder / f"{module_name}.pyx").write_text(pyx, encoding="utf-8")
     for name, text in headers.items():
         (folder / name).write_text(text, encoding="utf-8")
-    extension = Extension(module_name, [str(folder / f"{module_name}.pyx")], include_dirs=[str(folder)],
-                          extra_compile_args=compile_args, extra_link_args=LINK_ARGS)
+    extension = Extension(
+        module_name,
+        [str(folder / f"{module_name}.pyx")],
+        include_dirs=[str(folder)],
+        extra_compile_args=compile_args,
+        extra_link_args=LINK_ARGS,
+    )
     log = io.StringIO()
     with redirect_stdout(log), redirect_stderr(log):
         try:
@@ -107,4 +113,4 @@ def load_ipython_extension(ipython) -> None:
     ipython.register_magic_function(kernel_source, "cell")
 
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as `import flashdecode` does: see its __init__
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import flashdecode` does: see its __init__

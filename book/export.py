@@ -26,6 +26,7 @@ inserting a cell into a chapter does not rewrite the header of every later one.
 `tests/test_export_sync.py` regenerates the package into a temporary folder
 and fails when it differs from what is committed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,16 +70,16 @@ def exported_cells(notebook_path: Path):
         lines = cell.source.splitlines()
         if lines and lines[0].startswith(MODULE_MARK):
             # the cell naming the module holds its imports: exported too
-            module = lines[0][len(MODULE_MARK):].strip()
+            module = lines[0][len(MODULE_MARK) :].strip()
             lines = [EXPORT_MARK] + lines[1:]
-        magic = lines[0] if lines and lines[0].startswith("%%") else ""     # %%cython, %%kernel_source NAME
+        magic = lines[0] if lines and lines[0].startswith("%%") else ""  # %%cython, %%kernel_source NAME
         is_cython = magic.startswith("%%cython")
         body = lines[1:] if magic else lines
         mark = body[0].strip() if body else ""
         if mark != EXPORT_MARK and not mark.startswith(EXPORT_MARK + " "):
             continue
-        named = mark[len(EXPORT_MARK):].strip()       # `#| export viz` names its own target module
-        if "." in named:                               # a file name: a kernel piece (.pyx, .h)
+        named = mark[len(EXPORT_MARK) :].strip()  # `#| export viz` names its own target module
+        if "." in named:  # a file name: a kernel piece (.pyx, .h)
             target = named
         elif is_cython:
             target = CYTHON_TARGET
@@ -126,8 +127,11 @@ def is_generated(path: Path) -> bool:
 
 def out_of_sync(files: dict[str, str], package: Path = PACKAGE) -> list[str]:
     """Generated files that differ from `files`, are missing, or that no notebook produces any more."""
-    stale = [name for name, text in files.items()
-             if not (package / name).exists() or (package / name).read_text(encoding="utf-8") != text]
+    stale = [
+        name
+        for name, text in files.items()
+        if not (package / name).exists() or (package / name).read_text(encoding="utf-8") != text
+    ]
     stale += [path.name for path in generated_candidates(package) if path.name not in files and is_generated(path)]
     return stale
 

@@ -3,6 +3,7 @@
 Every module except this one is generated from the notebooks in book/ (see their headers);
 this file only gathers the public API.
 """
+
 import os
 
 # OpenMP threads that run out of work should sleep, not spin: on a machine shared with other jobs a spinning

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -5,7 +7,7 @@ from flashdecode import KvSlot, ListKvView
 
 # every backend, so each test covers the plain Cython tile kernels, the SIMD ones, the default and numpy
 BACKENDS = ["auto", "simd", "cython", "numpy"]
-TILE_KERNELS = ["cython", "simd"]          # the compiled tile-kernel sets (flashdecode._kernels.KERNEL_SETS)
+TILE_KERNELS = ["cython", "simd"]  # the compiled tile-kernel sets (flashdecode._kernels.KERNEL_SETS)
 
 
 def rel_err(x, ref):
@@ -31,3 +33,34 @@ def random_view(rng, lengths, num_kv_heads, head_dim, spare=0, dtype=np.float32)
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# The browser tests (test_browser.py, test_site.py) drive Debian's Chromium through the PyPI playwright package;
+# Playwright's own browser build is not used (it cannot be downloaded here).
+CHROMIUM = os.environ.get("FLASHDECODE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+
+
+def require_browser():
+    """Skip, with the reason, when Chromium or playwright is missing — except in CI (CI=true), where it fails:
+    .ci/run installs Chromium, so a skip there would hide a broken setup."""
+    reason = None
+    if not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} not found (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "the playwright package is not installed (pip install -e '.[dev]')"
+    if reason and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the browser tests, but {reason}")
+    if reason:
+        pytest.skip(f"browser test skipped: {reason}")

@@ -1,4 +1,5 @@
 """Helpers shared by the paged-cache tests: a PagedKvCache driven next to a plain model of its contents."""
+
 import numpy as np
 
 from flashdecode.api import batched_flash_attention
@@ -9,9 +10,14 @@ from flashdecode.paged import PagedKvCache, paged_attention_numpy
 # each tile-kernel set (and the generic numpy backend, which reads the views' gathered copies).
 ATTEND = {
     "numpy": lambda q_batch, view, scale: paged_attention_numpy(q_batch, view, scale, return_lse=True),
-    **{backend: (lambda q_batch, view, scale, backend=backend:
-                 batched_flash_attention(q_batch, view, scale, return_lse=True, backend=backend))
-       for backend in ("simd", "cython", "auto")},
+    **{
+        backend: (
+            lambda q_batch, view, scale, backend=backend: batched_flash_attention(
+                q_batch, view, scale, return_lse=True, backend=backend
+            )
+        )
+        for backend in ("simd", "cython", "auto")
+    },
 }
 PAGED_BACKENDS = list(ATTEND)
 
@@ -39,7 +45,7 @@ class ModelledCache:
 
     def append(self, seq, count):
         k, v = self.tokens(count)
-        self.cache.append(seq, k, v)                 # raises before the model changes if the cache refuses
+        self.cache.append(seq, k, v)  # raises before the model changes if the cache refuses
         self.keys[seq] = np.concatenate([self.keys[seq], k])
         self.values[seq] = np.concatenate([self.values[seq], v])
 
@@ -58,7 +64,7 @@ class ModelledCache:
         lse = np.full(q_batch.shape[:2], -np.inf)
         for b, seq in enumerate(seqs):
             if len(self.keys[seq]):
-                out_b, lse_b = attention_reference(q_batch[b:b + 1], self.keys[seq], self.values[seq], softmax_scale)
+                out_b, lse_b = attention_reference(q_batch[b : b + 1], self.keys[seq], self.values[seq], softmax_scale)
                 out[b], lse[b] = out_b[0], lse_b[0]
         return out, lse
 
@@ -83,8 +89,11 @@ def fill_unused_with_nan(cache):
 def cache_state(cache):
     """Everything a PagedKvCache holds, copied, for comparing before and after a call."""
     return {
-        "keys": cache.keys.copy(), "values": cache.values.copy(), "ref_counts": cache.ref_counts.copy(),
-        "free_blocks": list(cache.free_blocks), "next_sequence": cache.next_sequence,
+        "keys": cache.keys.copy(),
+        "values": cache.values.copy(),
+        "ref_counts": cache.ref_counts.copy(),
+        "free_blocks": list(cache.free_blocks),
+        "next_sequence": cache.next_sequence,
         "block_tables": {seq: list(table) for seq, table in cache.block_tables.items()},
         "positions": dict(cache.positions),
     }
@@ -105,8 +114,8 @@ def assert_consistent(cache, model_keys=None, model_values=None):
     for seq, table in cache.block_tables.items():
         assert len(table) == -(-cache.positions[seq] // cache.block_size), (seq, table, cache.positions[seq])
         np.add.at(holders, np.asarray(table, dtype=np.intp), 1)
-    np.testing.assert_array_equal(cache.ref_counts, holders)       # every count is the number of holders
-    assert len(set(cache.free_blocks)) == len(cache.free_blocks)    # no block on the free list twice
+    np.testing.assert_array_equal(cache.ref_counts, holders)  # every count is the number of holders
+    assert len(set(cache.free_blocks)) == len(cache.free_blocks)  # no block on the free list twice
     assert set(cache.free_blocks) == set(np.flatnonzero(holders == 0).tolist())
     assert cache.num_free_blocks + np.count_nonzero(holders) == cache.num_blocks
     if model_keys is not None:

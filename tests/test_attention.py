@@ -1,10 +1,11 @@
 """flash_attention_forward, both backends, against chapter 01's float64 reference."""
+
 import numpy as np
 import pytest
+from conftest import BACKENDS, rel_err
 
 from flashdecode import attention_reference, flash_attention_forward
 from flashdecode.api import TILE
-from conftest import BACKENDS, rel_err
 
 HEAD_DIMS = [1, 3, 64, 80, 128, 256]
 GROUPS = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -47,7 +48,7 @@ def test_causal_bottom_right(rng, backend, q_len, kv_len, group):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits(rng, backend):
-    q, k, v = random_qkv(rng, 2, 4, 300, 2, 64, spread=200.0)   # scores in the thousands
+    q, k, v = random_qkv(rng, 2, 4, 300, 2, 64, spread=200.0)  # scores in the thousands
     out, lse = flash_attention_forward(q, k, v, return_lse=True, backend=backend)
     ref, ref_lse = attention_reference(q, k, v)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
@@ -108,7 +109,7 @@ def test_odd_but_valid_inputs(rng, layout):
     ref, _ = attention_reference(q, k, v, causal=True)
     assert rel_err(out, ref) < (2e-3 if layout == "float16" else 1e-4)
     for a, b in zip((q, k, v), before):
-        assert np.array_equal(a, b)          # inputs are never written to
+        assert np.array_equal(a, b)  # inputs are never written to
 
 
 def test_nan_stays_in_its_row(rng):

@@ -1,12 +1,12 @@
 """batched_flash_attention and the KV views: oxillama's two tests (batched_attention.rs), the reference, the cache."""
+
 import numpy as np
 import pytest
+from conftest import BACKENDS, random_view, rel_err
 
-from flashdecode import (BatchedKvView, KvCache, KvSlot, ListKvView, batched_flash_attention,
-                         flash_attention_forward)
+from flashdecode import BatchedKvView, KvCache, KvSlot, ListKvView, batched_flash_attention, flash_attention_forward
 from flashdecode.api import TILE
 from flashdecode.batching import batched_reference
-from conftest import BACKENDS, random_view, rel_err
 
 
 def sin_data(n):
@@ -35,7 +35,7 @@ def test_batched_kv_view_basic():
     assert view.kv_for_slot(1)[0].flat[0] == 10.0
     assert view.kv_for_slot(2)[1].flat[0] == 200.0
     with pytest.raises(Exception):
-        slots[0].position = 5          # KvSlot is frozen
+        slots[0].position = 5  # KvSlot is frozen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,7 +76,9 @@ def test_backends_agree_on_skewed_batch(rng):
     q_batch = rng.standard_normal((len(lengths), 8, 64)).astype(np.float32)
     fast, fast_lse = batched_flash_attention(q_batch, view, return_lse=True)
     slow, slow_lse = batched_flash_attention(q_batch, view, return_lse=True, backend="numpy")
-    assert rel_err(fast, slow) < 1e-5 and rel_err(fast_lse[np.isfinite(slow_lse)], slow_lse[np.isfinite(slow_lse)]) < 1e-5
+    assert (
+        rel_err(fast, slow) < 1e-5 and rel_err(fast_lse[np.isfinite(slow_lse)], slow_lse[np.isfinite(slow_lse)]) < 1e-5
+    )
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
@@ -98,8 +100,9 @@ def test_capacity_beyond_position_is_never_read(rng):
     q_batch = rng.standard_normal((4, 6, 16)).astype(np.float32)
     for backend in BACKENDS:
         for split_size in (None, 5):
-            out = batched_flash_attention(q_batch, cache.view(range(4)), backend=backend,
-                                          split_size=None if backend == "numpy" else split_size)
+            out = batched_flash_attention(
+                q_batch, cache.view(range(4)), backend=backend, split_size=None if backend == "numpy" else split_size
+            )
             assert np.isfinite(out).all()
             assert rel_err(out, batched_reference(q_batch, cache.view(range(4)))[0]) < 1e-4
 
@@ -125,7 +128,7 @@ def test_kv_cache_append_reset_view(rng):
     assert view.slot_count() == 2 and view.position(0) == 6 and view.position(1) == 0
     assert np.shares_memory(view.kv_for_slot(0)[0], cache.keys)
     cache.reset(0)
-    assert cache.position(0) == 0 and view.position(0) == 6   # a view keeps the positions it was made with
+    assert cache.position(0) == 0 and view.position(0) == 6  # a view keeps the positions it was made with
     cache.append(0, k[:1], k[:1])
     assert cache.position(0) == 1
 
@@ -133,6 +136,7 @@ def test_kv_cache_append_reset_view(rng):
 def test_kv_cache_is_read_in_place(rng):
     """No packing copy: the kernel's extra memory is tiny next to the cache."""
     import tracemalloc
+
     cache = KvCache(num_slots=4, capacity=4096, num_kv_heads=2, head_dim=64)
     cache.positions[:] = 4096
     q_batch = rng.standard_normal((4, 4, 64)).astype(np.float32)
@@ -158,6 +162,7 @@ def test_all_slots_empty(rng):
 
 def test_custom_view_protocol(rng):
     """Any object with the three methods works, e.g. one computing the arrays on demand."""
+
     class Paged:
         def __init__(self, pages):
             self.pages = pages
@@ -191,24 +196,27 @@ def test_odd_but_valid_slot_arrays(rng, backend, layout):
         "fortran": np.asfortranarray,
         "reversed": lambda a: a[::-1].copy()[::-1],
         "gapped": lambda a: np.repeat(a, 2, axis=-1)[..., ::2],
-        "readonly": lambda a: np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape),   # read-only buffer
+        "readonly": lambda a: np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape),  # read-only buffer
         "mixed": lambda a: a.astype([np.float16, np.float64, np.float32][a.shape[0] % 3]),
     }[layout]
     view = ListKvView(base.slots, [convert(k) for k in base.keys], [convert(v) for v in base.values])
-    q_batch = convert(rng.standard_normal((4, 6, 16)).astype(np.float32)) if layout != "mixed" else \
-        rng.standard_normal((4, 6, 16))
+    q_batch = (
+        convert(rng.standard_normal((4, 6, 16)).astype(np.float32))
+        if layout != "mixed"
+        else rng.standard_normal((4, 6, 16))
+    )
     snapshot = [a.copy() for a in [q_batch, *view.keys, *view.values]]
     out, lse = batched_flash_attention(q_batch, view, return_lse=True, backend=backend)
     ref, ref_lse = batched_reference(q_batch, view)
     tolerance = 2e-3 if layout in ("float16", "mixed") else 1e-4
     assert rel_err(out, ref) < tolerance and rel_err(lse, ref_lse) < tolerance
     for before, after in zip(snapshot, [q_batch, *view.keys, *view.values]):
-        np.testing.assert_array_equal(before, after)       # inputs are never written to
+        np.testing.assert_array_equal(before, after)  # inputs are never written to
 
 
 def test_length_one_caches_and_huge_logits(rng):
     view = random_view(rng, [1, 1, 1], 1, 32)
-    q_batch = (rng.standard_normal((3, 4, 32)) * 1e4).astype(np.float32)   # scores ~ 1e4
+    q_batch = (rng.standard_normal((3, 4, 32)) * 1e4).astype(np.float32)  # scores ~ 1e4
     out, lse = batched_flash_attention(q_batch, view, return_lse=True)
     for b in range(3):
         np.testing.assert_allclose(out[b], np.repeat(view.values[b][0], 4, axis=0), rtol=1e-6)

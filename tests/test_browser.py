@@ -12,6 +12,7 @@ The server is always shut down (REST shutdown, then terminate/kill of its proces
 Marked `browser`. It skips, with the reason, when Chromium or playwright is missing — except in CI (CI=true),
 where it fails instead: .ci/run installs Chromium, so a skip there would hide a broken setup.
 """
+
 import json
 import os
 import re
@@ -27,36 +28,20 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = ROOT / "book" / "03_tiling.ipynb"
-CHROMIUM = os.environ.get("FLASHDECODE_CHROMIUM", "/usr/bin/chromium")     # Debian's; Playwright's own build is not used
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync", "--disable-quic"]
 EXPLORER_CELL = "explorer = SoftmaxExplorer(cache_len=1000, tile_size=64"
-N_TILES = 16                                 # 1,000 keys in tiles of 64
+N_TILES = 16  # 1,000 keys in tiles of 64
 SCREENSHOT = ROOT / "build" / "browser" / "softmax_explorer.png"
-
-
-def _missing():
-    if not os.path.exists(CHROMIUM):
-        return f"{CHROMIUM} not found (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install -e '.[dev]')"
-    return None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _browser_available():
-    reason = _missing()
-    if reason and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI must run the browser test, but {reason}")
-    if reason:
-        pytest.skip(f"browser test skipped: {reason}")
+    require_browser()
 
 
 def _free_port():
@@ -98,15 +83,22 @@ def lab(tmp_path):
     tracker.write_text(json.dumps({"windowingMode": "none"}))
     news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)
-    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))   # no toast over the output
+    news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no toast over the output
     config = tmp_path / "config"
     config.mkdir()
-    (config / "jupyter_server_config.json").write_text(json.dumps({
-        "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}}))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(config), JUPYTER_DATA_DIR=str(tmp_path / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"), IPYTHONDIR=str(tmp_path / "ipython"),
-               MPLBACKEND="agg")
+    (config / "jupyter_server_config.json").write_text(
+        json.dumps({"LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}})
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(config),
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+        MPLBACKEND="agg",
+    )
     env.pop("JUPYTER_PATH", None)
 
     started = time.monotonic()
@@ -116,10 +108,23 @@ def lab(tmp_path):
     log = open(log_path, "w")
     # the server runs from this (the repo's .venv) Python, so the native `python3` kernel is the venv's too
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
-        + (["--allow-root"] if os.geteuid() == 0 else []),             # CI runs as root
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            "--port-retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+        ]
+        + (["--allow-root"] if os.geteuid() == 0 else []),  # CI runs as root
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -138,9 +143,10 @@ def lab(tmp_path):
         assert specs["python3"]["spec"]["argv"][0] in (sys.executable, "python"), specs["python3"]["spec"]["argv"]
         yield base, token, log_path, time.monotonic() - started
     finally:
-        try:                                                # clean shutdown: stops the kernels too
-            request = urllib.request.Request(f"{base}/api/shutdown", method="POST",
-                                             headers={"Authorization": f"token {token}"})
+        try:  # clean shutdown: stops the kernels too
+            request = urllib.request.Request(
+                f"{base}/api/shutdown", method="POST", headers={"Authorization": f"token {token}"}
+            )
             urllib.request.urlopen(request, timeout=5).close()
             server.wait(timeout=15)
         except Exception:
@@ -197,15 +203,14 @@ def test_explorer_steps_through_all_tiles_in_jupyterlab(lab, capsys):
             handle.focus()
             for tile in range(2, N_TILES + 1):
                 page.keyboard.press("ArrowRight")
-                expect(readout).to_contain_text(f"tile {tile} of {N_TILES}")         # the kernel saw the new tile
-                expect(figure).not_to_have_attribute("src", src)                    # and the figure was redrawn
+                expect(readout).to_contain_text(f"tile {tile} of {N_TILES}")  # the kernel saw the new tile
+                expect(figure).not_to_have_attribute("src", src)  # and the figure was redrawn
                 src = figure.get_attribute("src")
-                assert f"tile {tile} of {N_TILES}" in handle.evaluate(
-                    "h => h.closest('.jp-OutputArea').innerText")
+                assert f"tile {tile} of {N_TILES}" in handle.evaluate("h => h.closest('.jp-OutputArea').innerText")
             text = readout.inner_text()
             assert "keys 960–999 of 1000" in text
             assert "all 1000 keys seen: partial output == exact output" in text
-            page.keyboard.press("ArrowLeft")                                        # and back one tile
+            page.keyboard.press("ArrowLeft")  # and back one tile
             expect(readout).to_contain_text(f"tile {N_TILES - 1} of {N_TILES}")
             assert "==" not in readout.inner_text()
             page.keyboard.press("ArrowRight")
@@ -213,9 +218,9 @@ def test_explorer_steps_through_all_tiles_in_jupyterlab(lab, capsys):
             expect(figure).not_to_have_attribute("src", src)
 
             marks[f"{N_TILES} keyboard steps"] = time.monotonic()
-            page.keyboard.press("Home")                                             # back to tile 1 ...
+            page.keyboard.press("Home")  # back to tile 1 ...
             expect(readout).to_contain_text(f"tile 1 of {N_TILES}")
-            cell.locator(".widget-play button").first.click()                       # ... and press play
+            cell.locator(".widget-play button").first.click()  # ... and press play
             expect(readout).to_contain_text(f"tile {N_TILES} of {N_TILES}", timeout=40_000)
             expect(readout).to_contain_text("partial output == exact output")
             marks["play to the end"] = time.monotonic()
@@ -227,8 +232,10 @@ def test_explorer_steps_through_all_tiles_in_jupyterlab(lab, capsys):
             failure = SCREENSHOT.with_name("failure.png")
             page.screenshot(path=str(failure))
             with capsys.disabled():
-                print(f"\n[browser] FAILED; page screenshot: {failure}\n[browser] JupyterLab log (tail):\n"
-                      f"{log_path.read_text()[-2000:]}")
+                print(
+                    f"\n[browser] FAILED; page screenshot: {failure}\n[browser] JupyterLab log (tail):\n"
+                    f"{log_path.read_text()[-2000:]}"
+                )
             raise
         finally:
             browser.close()
@@ -237,7 +244,9 @@ def test_explorer_steps_through_all_tiles_in_jupyterlab(lab, capsys):
         phases.append(f"{name} {mark - last:.1f} s")
         last = mark
     with capsys.disabled():
-        print(f"\n[browser] JupyterLab up in {server_seconds:.1f} s; in Chromium: {'; '.join(phases)}; "
-              f"{elapsed:.1f} s in the browser\n[browser] screenshot: {SCREENSHOT}")
+        print(
+            f"\n[browser] JupyterLab up in {server_seconds:.1f} s; in Chromium: {'; '.join(phases)}; "
+            f"{elapsed:.1f} s in the browser\n[browser] screenshot: {SCREENSHOT}"
+        )
     assert SCREENSHOT.stat().st_size > 10_000
     assert "Traceback" not in log_path.read_text()

@@ -1,4 +1,5 @@
 """The kernel releases the GIL, and concurrent calls on shared read-only caches agree with serial ones."""
+
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ def shared_cache(rng, num_slots=6, length=3000):
     for slot in range(num_slots):
         n = length // (slot + 1)
         cache.append(slot, rng.standard_normal((n, 2, 64)), rng.standard_normal((n, 2, 64)))
-    cache.keys.flags.writeable = False           # shared and read-only, as in a serving engine
+    cache.keys.flags.writeable = False  # shared and read-only, as in a serving engine
     cache.values.flags.writeable = False
     return cache
 
@@ -25,10 +26,9 @@ def test_threads_on_shared_cache_match_serial(rng):
     serial = [batched_flash_attention(q, view, num_threads=1) for q, view in zip(queries, views)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         for _ in range(3):
-            concurrent = list(pool.map(lambda args: batched_flash_attention(*args, num_threads=1),
-                                       zip(queries, views)))
+            concurrent = list(pool.map(lambda args: batched_flash_attention(*args, num_threads=1), zip(queries, views)))
             for a, b in zip(serial, concurrent):
-                np.testing.assert_array_equal(a, b)        # bit-identical: no shared scratch between calls
+                np.testing.assert_array_equal(a, b)  # bit-identical: no shared scratch between calls
 
 
 def test_kernel_releases_the_gil(rng):
@@ -39,7 +39,7 @@ def test_kernel_releases_the_gil(rng):
     """
     q = rng.standard_normal((1, 8, 128)).astype(np.float32)
     k = rng.standard_normal((300_000, 1, 128)).astype(np.float32)
-    flash_attention_forward(q[:, :, :8], k[:10, :, :8], k[:10, :, :8])      # warm up
+    flash_attention_forward(q[:, :, :8], k[:10, :, :8], k[:10, :, :8])  # warm up
     done, stamps = threading.Event(), []
 
     def stamp_the_clock():
@@ -56,7 +56,7 @@ def test_kernel_releases_the_gil(rng):
     end = time.perf_counter()
     done.set()
     thread.join()
-    margin = 0.1 * (end - start)          # skip the Python-level checks at either end of the call
+    margin = 0.1 * (end - start)  # skip the Python-level checks at either end of the call
     inside = [t for t in stamps if start + margin < t < end - margin]
     assert end - start > 0.01
     assert len(inside) > 100, (len(inside), end - start)

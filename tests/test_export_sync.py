@@ -1,4 +1,5 @@
 """The notebooks are the source: the committed package must be exactly what they export."""
+
 import importlib.util
 from pathlib import Path
 
@@ -41,12 +42,13 @@ def test_deleting_a_line_is_detected(tmp_path, name):
     assert out_of_sync(tmp_path) == []
     lines = files[name].splitlines(keepends=True)
     victim = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith(("#", "//")) and i > 10)
-    (tmp_path / name).write_text("".join(lines[:victim] + lines[victim + 1:]), encoding="utf-8")
+    (tmp_path / name).write_text("".join(lines[:victim] + lines[victim + 1 :]), encoding="utf-8")
     assert out_of_sync(tmp_path) == [name]
 
 
 def test_back_references_point_at_real_cells():
     import nbformat
+
     for name, text in export.render(ROOT / "book").items():
         for line in text.splitlines():
             if line.startswith(("# %% book/", "// %% book/")):
@@ -60,6 +62,7 @@ def test_back_references_point_at_real_cells():
 def test_notebooks_carry_no_execution_timestamps():
     """Stored outputs yes (they are the tutorial), run timestamps no (`make run` / `export.py --clean`)."""
     import nbformat
+
     for path in export.book_notebooks(ROOT / "book"):
         nb = nbformat.read(path, as_version=4)
         stamped = [i for i, cell in enumerate(nb.cells) if "execution" in cell.metadata]

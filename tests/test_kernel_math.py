@@ -1,9 +1,11 @@
-"""Each tile-kernel set's exp (plain expf, and the SIMD set's vectorised fd_exp_sub) against float64, edge cases included."""
+"""Each tile-kernel set's exp (plain expf, and the SIMD set's vectorised fd_exp_sub) against float64,
+edge cases included."""
+
 import numpy as np
 import pytest
+from conftest import TILE_KERNELS
 
 from flashdecode import _kernels
-from conftest import TILE_KERNELS
 
 pytestmark = pytest.mark.parametrize("kernels", TILE_KERNELS)
 
@@ -14,7 +16,7 @@ def test_exp_sub_matches_float64_on_the_softmax_range(kernels):
     total = _kernels.exp_sub(y, 0.0, kernels)
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(y - exact) / exact) < 1e-6
-    assert abs(total - exact.sum()) < 1e-4 * exact.sum()     # 200k float32 additions
+    assert abs(total - exact.sum()) < 1e-4 * exact.sum()  # 200k float32 additions
 
 
 def test_exp_sub_shift_and_edges(kernels):

@@ -1,4 +1,5 @@
 """Memory: the kernel's extra allocation does not grow with the cache, and repeated calls do not leak."""
+
 import resource
 import tracemalloc
 
@@ -8,7 +9,7 @@ from flashdecode import KvCache, batched_flash_attention, flash_attention_forwar
 
 
 def peak_during(call):
-    call()                                   # warm up: first-call allocations are not the steady state
+    call()  # warm up: first-call allocations are not the steady state
     tracemalloc.start()
     call()
     peak = tracemalloc.get_traced_memory()[1]
@@ -21,7 +22,7 @@ def test_extra_memory_does_not_grow_with_cache_length(rng):
     peaks = {}
     for kv_len in (4_096, 65_536):
         kv = np.zeros((kv_len, 1, 128), np.float32)
-        for split_size in (None, 512):       # automatic split: a bounded number of parts; fixed: L / 512 parts
+        for split_size in (None, 512):  # automatic split: a bounded number of parts; fixed: L / 512 parts
             peaks[kv_len, split_size] = peak_during(lambda: flash_attention_forward(q, kv, kv, split_size=split_size))
     assert peaks[65_536, None] < 1.5 * peaks[4_096, None] + 4096, peaks
     # with a fixed split size the number of parts grows with L: (L / 512) x H x D floats, still far below
@@ -50,7 +51,7 @@ def test_repeated_calls_do_not_leak(rng):
         cache.append(slot, rng.standard_normal((n, 2, 32)), rng.standard_normal((n, 2, 32)))
     q_batch = rng.standard_normal((3, 4, 32)).astype(np.float32)
     view = cache.view(range(3))
-    for _ in range(500):                                  # reach the allocator's steady state
+    for _ in range(500):  # reach the allocator's steady state
         batched_flash_attention(q_batch, view, return_lse=True)
     before = rss_kib()
     for _ in range(10_000):

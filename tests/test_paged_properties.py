@@ -6,26 +6,40 @@ blocks nobody holds, and free + held == num_blocks. An append is refused (Attent
 exactly when it needs more blocks than are free. At the end, attention over a random batch of the live
 sequences (repeats allowed), with NaN in every free block and unused tail, matches the float64 reference.
 """
+
 import numpy as np
+from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from flashdecode import AttentionError
-from conftest import rel_err
 from paged_helpers import (
-    ATTEND, PAGED_BACKENDS, ModelledCache, assert_consistent, assert_same_state, cache_state, fill_unused_with_nan,
+    ATTEND,
+    PAGED_BACKENDS,
+    ModelledCache,
+    assert_consistent,
+    assert_same_state,
+    cache_state,
+    fill_unused_with_nan,
 )
 
-PROPERTY = settings(max_examples=80, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+from flashdecode import AttentionError
+
+PROPERTY = settings(
+    max_examples=80, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 append = st.tuples(st.just("append"), st.integers(0, 2**16), st.sampled_from([0, 1, 1, 1, 2, 5, 17]))
-operations = st.lists(st.one_of(
-    st.tuples(st.just("new"), st.integers(0, 30)),
-    append, append, append,                 # decoding is most of what a cache sees
-    st.tuples(st.just("fork"), st.integers(0, 2**16)),
-    st.tuples(st.just("free"), st.integers(0, 2**16)),
-), min_size=10, max_size=60)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("new"), st.integers(0, 30)),
+        append,
+        append,
+        append,  # decoding is most of what a cache sees
+        st.tuples(st.just("fork"), st.integers(0, 2**16)),
+        st.tuples(st.just("free"), st.integers(0, 2**16)),
+    ),
+    min_size=10,
+    max_size=60,
+)
 
 
 def blocks_needed(cache, seq, count):
@@ -57,7 +71,7 @@ def run(model, program):
                 raise AssertionError(f"{op} needing {needed} blocks with {cache.num_free_blocks} free did not raise")
             except AttentionError as exc:
                 assert "out of blocks" in str(exc)
-            if seq is None:                     # the new, empty sequence exists; the refused prompt left no trace
+            if seq is None:  # the new, empty sequence exists; the refused prompt left no trace
                 before["next_sequence"] += 1
                 before["block_tables"][cache.next_sequence - 1], before["positions"][cache.next_sequence - 1] = [], 0
             assert_same_state(before, cache_state(cache))
@@ -73,8 +87,15 @@ def run(model, program):
 
 
 @PROPERTY
-@given(st.sampled_from([1, 2, 3, 4, 5, 16]), st.integers(0, 40), operations, st.integers(0, 2**32 - 1),
-       st.lists(st.integers(0, 2**16), max_size=6), st.integers(1, 4), st.sampled_from(PAGED_BACKENDS))
+@given(
+    st.sampled_from([1, 2, 3, 4, 5, 16]),
+    st.integers(0, 40),
+    operations,
+    st.integers(0, 2**32 - 1),
+    st.lists(st.integers(0, 2**16), max_size=6),
+    st.integers(1, 4),
+    st.sampled_from(PAGED_BACKENDS),
+)
 def test_random_programs_keep_the_cache_consistent(block_size, num_blocks, program, seed, picks, group, backend):
     model = ModelledCache(num_blocks, block_size, num_kv_heads=2, head_dim=4, seed=seed % 1000)
     run(model, program)

@@ -3,6 +3,7 @@
 The expected picture is worked out here from a PagedKvCache that replays the scenario itself, so a grid
 drawn from the wrong step, with the wrong owner of a shared block, or with the wrong fill, fails.
 """
+
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from flashdecode.paged import PAGED_SCENARIO, pool_history  # noqa: E402
 from flashdecode.viz import PagedPoolExplorer, pool_frames  # noqa: E402
 
 NUM_BLOCKS, BLOCK_SIZE = 32, 4
-PALETTE = [to_rgba(f"C{i}") for i in range(10) if i != 7]     # matplotlib's cycle without its grey
+PALETTE = [to_rgba(f"C{i}") for i in range(10) if i != 7]  # matplotlib's cycle without its grey
 FREE = to_rgba("0.82")
 
 
@@ -40,7 +41,7 @@ def expected_grid(steps):
     names = list(dict.fromkeys(n for op, name, arg in PAGED_SCENARIO for n in (name, arg) if isinstance(n, str)))
     cache, seqs = replay(steps)
     colours, holders, share = [FREE] * NUM_BLOCKS, [0] * NUM_BLOCKS, [0.0] * NUM_BLOCKS
-    for name in sorted(seqs, key=names.index, reverse=True):        # earliest name last: it owns the colour
+    for name in sorted(seqs, key=names.index, reverse=True):  # earliest name last: it owns the colour
         table, position = cache.block_table(seqs[name]), cache.position(seqs[name])
         for number, block in enumerate(table):
             colours[block] = PALETTE[names.index(name) % len(PALETTE)]
@@ -63,8 +64,8 @@ def explorer():
 
 def test_every_step_draws_the_cache_after_that_step(explorer):
     assert explorer.step.max == explorer.play.max == len(PAGED_SCENARIO)
-    for step in list(range(len(PAGED_SCENARIO) + 1)) + [3, 0]:        # forwards, then back
-        explorer.step.value = step                                    # as the slider does
+    for step in list(range(len(PAGED_SCENARIO) + 1)) + [3, 0]:  # forwards, then back
+        explorer.step.value = step  # as the slider does
         colours, holders, share = expected_grid(step)
         drawn_colours, labels, drawn_share = drawn_grid(explorer)
         np.testing.assert_array_equal(drawn_colours, colours)
@@ -77,8 +78,9 @@ def test_each_step_changes_the_picture(explorer):
     """The check above is not vacuous: a grid one step behind would differ from the right one."""
     for step in range(1, len(PAGED_SCENARIO) + 1):
         before, after = expected_grid(step - 1), expected_grid(step)
-        assert not (np.array_equal(before[0], after[0]) and before[1] == after[1]
-                    and np.array_equal(before[2], after[2])), step
+        assert not (
+            np.array_equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+        ), step
 
 
 def test_slider_drives_snapshot_readout_and_image(explorer):
@@ -91,7 +93,7 @@ def test_slider_drives_snapshot_readout_and_image(explorer):
     assert explorer.snapshot.free_blocks == tuple(cache.free_blocks)
     assert "A2 appends 2 tokens" in explorer.readout.value and f"{list(cache.free_blocks)}" in explorer.readout.value
     assert bytes(explorer.image.value) != first
-    explorer.play.value = 9                                         # each tick of play moves the slider
+    explorer.play.value = 9  # each tick of play moves the slider
     assert explorer.step.value == 9 and "D arrives" in explorer.readout.value
 
 

@@ -1,16 +1,24 @@
 """Property tests (hypothesis): random shapes against the float64 reference, and invariants."""
+
 import numpy as np
+from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashdecode import KvSlot, ListKvView, attention_reference, batched_flash_attention, flash_attention_forward
-from flashdecode import merge_states
+from flashdecode import (
+    KvSlot,
+    ListKvView,
+    attention_reference,
+    batched_flash_attention,
+    flash_attention_forward,
+    merge_states,
+)
 from flashdecode.batching import batched_reference
 from flashdecode.tiling import flash_attention_numpy
-from conftest import rel_err
 
-PROPERTY = settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
@@ -33,12 +41,14 @@ def ragged_batches(draw):
 
 
 @PROPERTY
-@given(ragged_batches(), st.one_of(st.none(), st.integers(1, 400)), st.integers(1, 3),
-       st.sampled_from(["simd", "cython"]))
+@given(
+    ragged_batches(), st.one_of(st.none(), st.integers(1, 400)), st.integers(1, 3), st.sampled_from(["simd", "cython"])
+)
 def test_batched_matches_reference(batch, split_size, num_threads, backend):
     q_batch, view, scale = batch
-    out, lse = batched_flash_attention(q_batch, view, scale, return_lse=True, split_size=split_size,
-                                       num_threads=num_threads, backend=backend)
+    out, lse = batched_flash_attention(
+        q_batch, view, scale, return_lse=True, split_size=split_size, num_threads=num_threads, backend=backend
+    )
     ref, ref_lse = batched_reference(q_batch, view, scale)
     assert rel_err(out, ref) < 1e-4
     assert rel_err(lse, ref_lse) < 1e-4
@@ -51,9 +61,10 @@ def test_numpy_backend_any_tile_size(batch, tile_size):
     for b in range(view.slot_count()):
         position = view.position(b)
         k, v = view.kv_for_slot(b)
-        out, lse = flash_attention_numpy(q_batch[b:b + 1], k[:position], v[:position], scale,
-                                         return_lse=True, tile_size=tile_size)
-        ref, ref_lse = attention_reference(q_batch[b:b + 1], k[:position], v[:position], scale)
+        out, lse = flash_attention_numpy(
+            q_batch[b : b + 1], k[:position], v[:position], scale, return_lse=True, tile_size=tile_size
+        )
+        ref, ref_lse = attention_reference(q_batch[b : b + 1], k[:position], v[:position], scale)
         assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
 
 
@@ -63,11 +74,14 @@ def test_permuting_slots_permutes_outputs(batch, random):
     q_batch, view, scale = batch
     order = list(range(view.slot_count()))
     random.shuffle(order)
-    shuffled = ListKvView([KvSlot(view.slots[i].request_id, b, view.slots[i].position) for b, i in enumerate(order)],
-                          [view.keys[i] for i in order], [view.values[i] for i in order])
+    shuffled = ListKvView(
+        [KvSlot(view.slots[i].request_id, b, view.slots[i].position) for b, i in enumerate(order)],
+        [view.keys[i] for i in order],
+        [view.values[i] for i in order],
+    )
     out = batched_flash_attention(q_batch, view, scale)
     out_shuffled = batched_flash_attention(q_batch[order], shuffled, scale)
-    np.testing.assert_array_equal(out_shuffled, out[order])    # slots are independent: bit-identical
+    np.testing.assert_array_equal(out_shuffled, out[order])  # slots are independent: bit-identical
 
 
 @PROPERTY
@@ -80,14 +94,19 @@ def test_single_key_returns_its_value(group, num_kv_heads, head_dim, seed):
     out, lse = flash_attention_forward(q, k, v, return_lse=True)
     np.testing.assert_allclose(out[0], np.repeat(v[0], group, axis=0), rtol=1e-6)
     score = np.einsum("hd,hd->h", q[0], np.repeat(k[0], group, axis=0)) / np.sqrt(head_dim)
-    np.testing.assert_allclose(lse[0], score, rtol=1e-4, atol=1e-4)     # lse of one key is its score
+    np.testing.assert_allclose(lse[0], score, rtol=1e-4, atol=1e-4)  # lse of one key is its score
 
 
 @PROPERTY
-@given(st.integers(1, 2000), st.sampled_from([1, 16, 128]), st.integers(0, 2**32 - 1), st.one_of(st.none(), st.integers(1, 500)))
+@given(
+    st.integers(1, 2000),
+    st.sampled_from([1, 16, 128]),
+    st.integers(0, 2**32 - 1),
+    st.one_of(st.none(), st.integers(1, 500)),
+)
 def test_constant_scores_give_mean_of_values(kv_len, head_dim, seed, split_size):
     rng = np.random.default_rng(seed)
-    q = np.zeros((1, 4, head_dim), np.float32)                       # q = 0: every score is 0
+    q = np.zeros((1, 4, head_dim), np.float32)  # q = 0: every score is 0
     k = rng.standard_normal((kv_len, 2, head_dim)).astype(np.float32)
     v = rng.standard_normal((kv_len, 2, head_dim)).astype(np.float32)
     out, lse = flash_attention_forward(q, k, v, return_lse=True, split_size=split_size)
@@ -103,9 +122,9 @@ def test_merging_split_states_equals_unsplit(kv_len, cuts, seed):
     q = rng.standard_normal((2, 6, 32)).astype(np.float32)
     k = rng.standard_normal((kv_len, 3, 32)).astype(np.float32)
     v = rng.standard_normal((kv_len, 3, 32)).astype(np.float32)
-    bounds = sorted({0, kv_len, *(c % (kv_len + 1) for c in cuts)})   # uneven, possibly single-key splits
+    bounds = sorted({0, kv_len, *(c % (kv_len + 1) for c in cuts)})  # uneven, possibly single-key splits
     parts = [flash_attention_forward(q, k[a:b], v[a:b], return_lse=True) for a, b in zip(bounds, bounds[1:])]
-    parts.append(flash_attention_forward(q, k[:0], v[:0], return_lse=True))   # an empty part changes nothing
+    parts.append(flash_attention_forward(q, k[:0], v[:0], return_lse=True))  # an empty part changes nothing
     merged, merged_lse = merge_states(np.stack([o for o, _ in parts]), np.stack([l for _, l in parts]))
     ref, ref_lse = attention_reference(q, k, v)
     assert rel_err(merged, ref) < 1e-4 and rel_err(merged_lse, ref_lse) < 1e-4

@@ -1,4 +1,5 @@
 """The README's usage examples run and print what their comments say."""
+
 import contextlib
 import io
 import re

@@ -1,15 +1,16 @@
 """Every tile kernel and SIMD micro-kernel through its Python handle, against numpy and against its plain twin;
 the C header on its own; the plan's column names shared by Python and the kernel."""
+
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TILE_KERNELS
 
 from flashdecode import _kernels
 from flashdecode.api import ITEM_COLUMNS, MERGE_COLUMNS, kv_row
-from conftest import TILE_KERNELS
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = range(0, 41)
@@ -17,7 +18,7 @@ GROUPS = range(1, 9)
 
 
 def kv_of_heads(num_kv_heads, group):
-    return np.repeat(np.arange(num_kv_heads), group)          # query head -> the kv head it reads
+    return np.repeat(np.arange(num_kv_heads), group)  # query head -> the kv head it reads
 
 
 @pytest.mark.parametrize("kernels", TILE_KERNELS)
@@ -25,7 +26,7 @@ def kv_of_heads(num_kv_heads, group):
 def test_tile_scores_and_update_match_numpy(kernels, group):
     rng = np.random.default_rng(group)
     for n in LENGTHS:
-        head_dim = 1 + (n * 7) % 40                            # 1..40: every tail length of the 8-wide loops
+        head_dim = 1 + (n * 7) % 40  # 1..40: every tail length of the 8-wide loops
         q = rng.standard_normal((2 * group, head_dim)).astype(np.float32)
         keys, values = rng.standard_normal((2, n, 2, head_dim)).astype(np.float32)
         heads = kv_of_heads(2, group)
@@ -69,7 +70,7 @@ def test_micro_kernels_match_numpy(head_dim):
     rng = np.random.default_rng(head_dim)
     q4, k4 = rng.standard_normal((2, 4, head_dim)).astype(np.float32)
     assert np.allclose(_kernels.dot4(q4, k4), np.einsum("rd,rd->r", q4, k4), rtol=1e-5, atol=1e-5)
-    shared = np.stack([k4[0]] * 4)                             # four heads sharing one key row
+    shared = np.stack([k4[0]] * 4)  # four heads sharing one key row
     assert np.allclose(_kernels.dot4(q4, shared), q4 @ k4[0], rtol=1e-5, atol=1e-5)
     k3 = rng.standard_normal((3, head_dim)).astype(np.float32)
     assert np.allclose(_kernels.dot4x3(q4, k3), k3 @ q4.T, rtol=1e-5, atol=1e-5)
@@ -87,7 +88,9 @@ def test_micro_kernel_handles_reject_wrong_shapes():
     with pytest.raises(ValueError, match="dot4 takes"):
         _kernels.dot4(np.zeros((3, 8), np.float32), np.zeros((4, 8), np.float32))
     with pytest.raises(ValueError, match="do not fit"):
-        _kernels.tile_update(np.zeros((4, 8), np.float32), np.zeros((4, 2), np.float32), np.zeros((3, 1, 8), np.float32))
+        _kernels.tile_update(
+            np.zeros((4, 8), np.float32), np.zeros((4, 2), np.float32), np.zeros((3, 1, 8), np.float32)
+        )
 
 
 def test_unknown_kernel_set_is_a_key_error():
@@ -108,7 +111,25 @@ def test_header_compiles_on_its_own(tmp_path, flags):
     """_simd.h and _openmp.h are plain C: a translation unit of their own builds without warnings."""
     source = tmp_path / "alone.c"
     source.write_text('#include "_openmp.h"\n#include "_simd.h"\nint main(void) { return 0; }\n')
-    build = subprocess.run(["gcc", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function", "-fopenmp-simd",
-                            "-I", str(ROOT / "flashdecode"), *flags, str(source), "-o", str(tmp_path / "alone"), "-lm"],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            "gcc",
+            "-std=gnu11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wno-unused-function",
+            "-fopenmp-simd",
+            "-I",
+            str(ROOT / "flashdecode"),
+            *flags,
+            str(source),
+            "-o",
+            str(tmp_path / "alone"),
+            "-lm",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr

@@ -1,4 +1,5 @@
 """Thread control: num_threads=, get_num_threads/set_num_threads, OMP_NUM_THREADS and threadpoolctl."""
+
 import os
 import subprocess
 import sys

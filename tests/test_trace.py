@@ -1,4 +1,5 @@
 """flashdecode.trace is numpy only: what the explorers plot can be computed where no widget library exists."""
+
 import subprocess
 import sys
 import textwrap

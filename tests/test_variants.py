@@ -1,23 +1,27 @@
 """The attention variants (chapter 09): every combination against the float64 reference, every backend, GQA groups
 1-8; the error contract; and torch's SDPA with the equivalent explicit float mask as a cross-check."""
+
 import itertools
 import os
 
 import numpy as np
 import pytest
+from conftest import BACKENDS, rel_err
 
 from flashdecode import AttentionError, KvCache, batched_flash_attention, flash_attention_forward
 from flashdecode.variants import batched_variant_reference, variant_reference
-from conftest import BACKENDS, rel_err
 
-WINDOWS = [None, 0, 5, 10_000]                  # none, the key itself, a short one, longer than any cache
+WINDOWS = [None, 0, 5, 10_000]  # none, the key itself, a short one, longer than any cache
 COMBINATIONS = list(itertools.product(WINDOWS, [None, 20.0], [False, True], [False, True]))
 
 
 def variant_args(rng, num_heads, window_left, softcap, alibi, sinks):
-    return dict(window_left=window_left, softcap=softcap,
-                alibi_slopes=(2.0 ** -np.arange(1, num_heads + 1)).astype(np.float32) if alibi else None,
-                sinks=rng.standard_normal(num_heads).astype(np.float32) if sinks else None)
+    return dict(
+        window_left=window_left,
+        softcap=softcap,
+        alibi_slopes=(2.0 ** -np.arange(1, num_heads + 1)).astype(np.float32) if alibi else None,
+        sinks=rng.standard_normal(num_heads).astype(np.float32) if sinks else None,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -28,15 +32,17 @@ def test_batched_every_combination(backend, window_left, softcap, alibi, sinks):
         num_kv_heads, head_dim = 2, 24
         cache = KvCache(num_slots=4, capacity=300, num_kv_heads=num_kv_heads, head_dim=head_dim)
         for slot, n in enumerate([37, 0 if query_lens is None else 4, 290, 6]):
-            cache.append(slot, rng.standard_normal((n, num_kv_heads, head_dim)),
-                         rng.standard_normal((n, num_kv_heads, head_dim)))
+            cache.append(
+                slot, rng.standard_normal((n, num_kv_heads, head_dim)), rng.standard_normal((n, num_kv_heads, head_dim))
+            )
         rows = 4 if query_lens is None else sum(query_lens)
         q = (rng.standard_normal((rows, group * num_kv_heads, head_dim)) * 2).astype(np.float32)
         variants = variant_args(rng, group * num_kv_heads, window_left, softcap, alibi, sinks)
         view = cache.view(range(4))
         ref, ref_lse = batched_variant_reference(q, view, query_lens=query_lens, **variants)
-        out, lse = batched_flash_attention(q, view, return_lse=True, backend=backend, query_lens=query_lens,
-                                           split_size=64, **variants)
+        out, lse = batched_flash_attention(
+            q, view, return_lse=True, backend=backend, query_lens=query_lens, split_size=64, **variants
+        )
         assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4, (group, query_lens)
 
 
@@ -66,11 +72,20 @@ def test_window_reads_only_the_window():
         assert rel_err(out, variant_reference(q, k[900:], v[900:])[0]) < 1e-5
 
 
-BAD = [(dict(window_left=-1), "window_left"), (dict(window_left=1.5), "window_left"), (dict(window_left=True), "window_left"),
-       (dict(softcap=0.0), "softcap"), (dict(softcap=-3.0), "softcap"), (dict(softcap=float("nan")), "softcap"),
-       (dict(softcap="big"), "softcap"), (dict(alibi_slopes=np.ones(5)), "alibi_slopes"),
-       (dict(alibi_slopes=np.array([1.0, np.nan, 1.0, 1.0])), "alibi_slopes"), (dict(sinks=np.ones((4, 1))), "sinks"),
-       (dict(sinks=np.array([0, 1, 2, 3])), "sinks"), (dict(sinks=[0.0, 0.0, np.inf, 0.0]), "sinks")]
+BAD = [
+    (dict(window_left=-1), "window_left"),
+    (dict(window_left=1.5), "window_left"),
+    (dict(window_left=True), "window_left"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(softcap=-3.0), "softcap"),
+    (dict(softcap=float("nan")), "softcap"),
+    (dict(softcap="big"), "softcap"),
+    (dict(alibi_slopes=np.ones(5)), "alibi_slopes"),
+    (dict(alibi_slopes=np.array([1.0, np.nan, 1.0, 1.0])), "alibi_slopes"),
+    (dict(sinks=np.ones((4, 1))), "sinks"),
+    (dict(sinks=np.array([0, 1, 2, 3])), "sinks"),
+    (dict(sinks=[0.0, 0.0, np.inf, 0.0]), "sinks"),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,21 +97,31 @@ def test_bad_variants_name_the_argument(backend, bad, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("query_lens, needle", [([1, 1], "one count per slot"), ([1, -1, 1], r"query_lens\[1\]"),
-                                                ([1, 9, 0], r"query_lens\[1\]"), ([1, 1, 0], "sum to the rows"),
-                                                ("abc", "query_lens"), ([1, 1.5, 1], r"query_lens\[1\]")])
+@pytest.mark.parametrize(
+    "query_lens, needle",
+    [
+        ([1, 1], "one count per slot"),
+        ([1, -1, 1], r"query_lens\[1\]"),
+        ([1, 9, 0], r"query_lens\[1\]"),
+        ([1, 1, 0], "sum to the rows"),
+        ("abc", "query_lens"),
+        ([1, 1.5, 1], r"query_lens\[1\]"),
+    ],
+)
 def test_bad_query_lens(backend, query_lens, needle):
     cache = KvCache(num_slots=3, capacity=10, num_kv_heads=1, head_dim=4)
     for slot in range(3):
         cache.append(slot, np.ones((3, 1, 4)), np.ones((3, 1, 4)))
     with pytest.raises(AttentionError, match=needle):
-        batched_flash_attention(np.ones((3, 2, 4), np.float32), cache.view(range(3)), backend=backend,
-                                query_lens=query_lens)
+        batched_flash_attention(
+            np.ones((3, 2, 4), np.float32), cache.view(range(3)), backend=backend, query_lens=query_lens
+        )
 
 
 def torch_or_fail():
     try:
         import torch
+
         return torch
     except ImportError:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -104,8 +129,9 @@ def torch_or_fail():
         pytest.skip("torch not installed (make test installs it)")
 
 
-@pytest.mark.parametrize("window_left, softcap, alibi, sinks", [(None, None, True, True), (8, None, False, True),
-                                                                (3, None, True, False)])
+@pytest.mark.parametrize(
+    "window_left, softcap, alibi, sinks", [(None, None, True, True), (8, None, False, True), (3, None, True, False)]
+)
 def test_matches_torch_sdpa_with_an_explicit_mask(window_left, softcap, alibi, sinks):
     """torch.nn.functional.scaled_dot_product_attention given the window and ALiBi as a float mask, and each sink
     as an extra key with a zero value whose score is the sink."""
@@ -117,12 +143,13 @@ def test_matches_torch_sdpa_with_an_explicit_mask(window_left, softcap, alibi, s
     variants = variant_args(rng, num_heads, window_left, softcap, alibi, sinks)
     p, j = np.arange(q_len)[:, None] + kv_len - q_len, np.arange(kv_len)[None, :]
     visible = (j <= p) & ((j >= p - window_left) if window_left is not None else True)
-    bias = np.where(visible, 0.0, -np.inf)[None] - (variants["alibi_slopes"][:, None, None] * np.abs(p - j)
-                                                     if alibi else 0.0)             # (H, Lq, Lkv)
-    qt, kt, vt = (torch.from_numpy(x).permute(1, 0, 2) for x in (q, k, v))          # (H, L, D)
+    bias = np.where(visible, 0.0, -np.inf)[None] - (
+        variants["alibi_slopes"][:, None, None] * np.abs(p - j) if alibi else 0.0
+    )  # (H, Lq, Lkv)
+    qt, kt, vt = (torch.from_numpy(x).permute(1, 0, 2) for x in (q, k, v))  # (H, L, D)
     mask = torch.from_numpy(np.broadcast_to(bias, (num_heads, q_len, kv_len)).astype(np.float32))
-    if sinks:                                   # the sink: a key whose score is exactly sink[h] and whose value is 0
-        scale = head_dim ** -0.5
+    if sinks:  # the sink: a key whose score is exactly sink[h] and whose value is 0
+        scale = head_dim**-0.5
         sink_key = torch.zeros(num_heads, 1, head_dim)
         kt, vt = torch.cat([kt, sink_key], 1), torch.cat([vt, torch.zeros(num_heads, 1, head_dim)], 1)
         sink_bias = torch.from_numpy(variants["sinks"])[:, None, None].expand(num_heads, q_len, 1)

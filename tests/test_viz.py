@@ -3,6 +3,7 @@
 Every assertion on what is drawn compares the figure's artists with the online-softmax state computed here,
 independently, by `online_softmax_tiles` — so a plot that is one tile behind (or ahead) fails.
 """
+
 import re
 from pathlib import Path
 
@@ -38,10 +39,10 @@ def test_stepping_the_slider_draws_the_online_state_of_that_tile(explorer):
     explorer.tile_size.value, explorer.spread.value, explorer.cache_len.value = 32, 3.0, 200
     scores, values, states = expected_states(200, 3.0, 7, 32)
     assert explorer.n_tiles == len(states) == 7 and explorer.tile.max == explorer.play.max == 7
-    for tile in [1, 2, 3, 5, 7, 4, 1]:                       # forwards and back, as a reader would
+    for tile in [1, 2, 3, 5, 7, 4, 1]:  # forwards and back, as a reader would
         before, moved = explorer.renders, explorer.tile.value != tile
         explorer.tile.value = tile
-        assert explorer.renders == before + moved           # one re-render per step
+        assert explorer.renders == before + moved  # one re-render per step
         state = states[tile - 1]
         # the state the explorer reports is the package's online-softmax state after exactly `tile` tiles
         assert explorer.state.tile_stop == state.tile_stop
@@ -61,8 +62,8 @@ def test_stepping_the_slider_draws_the_online_state_of_that_tile(explorer):
         colours = explorer.artists["scores"].get_facecolors()
         grey = colours[-1] if tile < len(states) else None
         if grey is not None:
-            assert all(np.array_equal(c, grey) for c in colours[state.tile_stop:])
-            assert not any(np.array_equal(c, grey) for c in colours[:state.tile_stop])
+            assert all(np.array_equal(c, grey) for c in colours[state.tile_stop :])
+            assert not any(np.array_equal(c, grey) for c in colours[: state.tile_stop])
         assert f"tile {tile} of 7" in explorer.readout.value
         assert f"m = {float(state.row_max):.4f}" in explorer.readout.value
 
@@ -74,7 +75,7 @@ def test_an_off_by_one_tile_plot_would_be_caught(explorer):
     row_sums = drawn(explorer, "row_sum")
     assert not np.array_equal(row_sums, [s.row_sum for s in states[:2]])
     assert not np.array_equal(row_sums, [s.row_sum for s in states[:4]])
-    assert len({float(s.row_sum) for s in states}) == len(states)     # every tile moves the sum
+    assert len({float(s.row_sum) for s in states}) == len(states)  # every tile moves the sum
 
 
 def test_last_tile_gives_the_exact_output(explorer):
@@ -92,10 +93,10 @@ def test_last_tile_gives_the_exact_output(explorer):
 
 def test_tile_size_changes_the_number_of_steps(explorer):
     explorer.tile_size.value = 32
-    explorer.tile.value = 4                                   # 128 keys seen
+    explorer.tile.value = 4  # 128 keys seen
     explorer.tile_size.value = 8
     assert explorer.n_tiles == 25 and explorer.tile.max == 25 and explorer.play.max == 25
-    assert explorer.tile.value == 16 and explorer.state.tile_stop == 128   # the same keys seen, in smaller tiles
+    assert explorer.tile.value == 16 and explorer.state.tile_stop == 128  # the same keys seen, in smaller tiles
     assert len(drawn(explorer, "row_max")) == 16
     explorer.tile_size.value = 200
     assert explorer.n_tiles == 1 and explorer.tile.value == 1 and explorer.done
@@ -108,10 +109,10 @@ def test_spread_and_cache_length_redraw_new_data(explorer):
     explorer.spread.value = 45.0
     explorer.tile.value = explorer.n_tiles
     scores, values, states = expected_states(200, 45.0, 7, 32)
-    assert scores.max() > 88.7                              # exp(s) would overflow float32 ...
+    assert scores.max() > 88.7  # exp(s) would overflow float32 ...
     assert "overflows float32" in explorer.readout.value
     np.testing.assert_array_equal(drawn(explorer, "row_max"), [s.row_max for s in states])
-    assert explorer.error < 1e-12                             # ... the running max keeps it exact
+    assert explorer.error < 1e-12  # ... the running max keeps it exact
     offsets = explorer.artists["scores"].get_offsets()
     np.testing.assert_array_equal(offsets[:, 1], scores)
     explorer.cache_len.value = 1000
@@ -125,7 +126,7 @@ def test_spread_and_cache_length_redraw_new_data(explorer):
 def test_play_moves_the_slider():
     explorer = SoftmaxExplorer(cache_len=100, tile_size=10, dpi=30)
     assert explorer.play.max == 10
-    explorer.play.value = 6                                   # what each tick of the play button does
+    explorer.play.value = 6  # what each tick of the play button does
     assert explorer.tile.value == 6 and "tile 6 of 10" in explorer.readout.value
 
 
@@ -135,9 +136,9 @@ def test_the_figure_is_updated_in_place_and_rendered():
     assert first.startswith(b"\x89PNG")
     explorer.tile.value = 5
     explorer.tile_size.value = 20
-    assert explorer.figure is figure and explorer.artists == artists      # same figure, same artists
+    assert explorer.figure is figure and explorer.artists == artists  # same figure, same artists
     assert bytes(explorer.image.value) != first and bytes(explorer.image.value).startswith(b"\x89PNG")
-    assert len(figure.axes) == 6                                           # 5 panels + the sum's twin axis
+    assert len(figure.axes) == 6  # 5 panels + the sum's twin axis
 
 
 def test_trace_uses_the_package_online_softmax():
@@ -169,7 +170,7 @@ def test_ragged_view_draws_keys_tiles_and_padding():
             assert ragged.work == batch_work(lengths, tile_size)
             widths = lambda name: [np.ptp(p.vertices[:, 0]) for p in ragged.artists[name].get_paths()]
             assert round(sum(widths("tiles"))) == lengths.sum()
-            assert len(widths("tiles")) == (-(-lengths // tile_size)).sum()       # one rectangle per tile
+            assert len(widths("tiles")) == (-(-lengths // tile_size)).sum()  # one rectangle per tile
             assert round(sum(widths("padding"))) == ragged.work["padded"] - ragged.work["ragged"]
             assert round(sum(widths("rounding"))) == ragged.work["ragged_tiles"] - ragged.work["ragged"]
     ragged.num_slots.value = 3
@@ -210,15 +211,20 @@ def test_blitted_frames_look_like_a_full_redraw():
             explorer.canvas.draw()
             full = np.asarray(explorer.canvas.buffer_rgba()).astype(int)
         finally:
-            for artist in explorer.panels.moving:       # the cached background is a copy: left as it was
+            for artist in explorer.panels.moving:  # the cached background is a copy: left as it was
                 artist.set_animated(True)
         return (np.abs(shown - full).max(axis=-1) > 0).mean()
 
-    for change in [lambda: None, lambda: setattr(explorer.tile, "value", 5),
-                   lambda: setattr(explorer.tile_size, "value", 20), lambda: setattr(explorer.spread, "value", 30.0),
-                   lambda: setattr(explorer.tile, "value", 1), lambda: setattr(explorer.cache_len, "value", 500)]:
+    for change in [
+        lambda: None,
+        lambda: setattr(explorer.tile, "value", 5),
+        lambda: setattr(explorer.tile_size, "value", 20),
+        lambda: setattr(explorer.spread, "value", 30.0),
+        lambda: setattr(explorer.tile, "value", 1),
+        lambda: setattr(explorer.cache_len, "value", 500),
+    ]:
         change()
-        explorer.tile.value = max(1, explorer.tile.value - 1) if explorer.tile.value > 1 else 2   # one more step
+        explorer.tile.value = max(1, explorer.tile.value - 1) if explorer.tile.value > 1 else 2  # one more step
         assert differing_pixels() < 0.005
 
 
@@ -229,13 +235,13 @@ def test_the_chapter_explorer_as_a_reader_drives_it():
     _, _, reference = expected_states(1000, 3.0, 0, 64)
     assert check.n_tiles == len(reference) == 16
     for tile in range(1, check.n_tiles + 1):
-        check.tile.value = tile                                  # as the slider does
+        check.tile.value = tile  # as the slider does
         drawn_max, drawn_sum = drawn(check, "row_max"), drawn(check, "row_sum")
         assert len(drawn_max) == tile and drawn_max[-1] == reference[tile - 1].row_max
         assert drawn_sum[-1] == reference[tile - 1].row_sum
         assert f"tile {tile} of 16" in check.readout.value
     assert check.done and check.error < 1e-12 and "partial output == exact output" in check.readout.value
-    check.spread.value = 40.0                                   # logits up to about 130
+    check.spread.value = 40.0  # logits up to about 130
     check.tile.value = check.n_tiles
     assert check.trace.scores.max() > 88.7 and "overflows float32" in check.readout.value
     assert check.error < 1e-12
@@ -247,7 +253,7 @@ def test_the_chapter_ragged_explorer_draws_what_batch_work_counts():
     check = RaggedBatchExplorer(distribution="equal", num_slots=8, typical=100, tile_size=64, dpi=30)
     assert check.work == {"padded": 800, "ragged": 800, "ragged_tiles": 1024}
     for distribution in ["skewed", "uniform", "one long, many short"]:
-        check.distribution.value = distribution                  # as the dropdown does
+        check.distribution.value = distribution  # as the dropdown does
         lengths, work = check.lengths, check.work
         keys = sum(np.ptp(p.vertices[:, 0]) for p in check.artists["tiles"].get_paths())
         padding = sum(np.ptp(p.vertices[:, 0]) for p in check.artists["padding"].get_paths())
