@@ -5,6 +5,7 @@ the command line), which teaches nothing. What it measures and how — the scena
 rotation, the read roof — is flashdecode.bench, born in book/06_to_the_roof.ipynb with the argument and this
 machine's results.
 """
+
 import argparse
 import csv
 import gc
@@ -17,9 +18,17 @@ import numpy as np
 
 from flashdecode.api import batched_flash_attention, flash_attention_forward, get_num_threads
 from flashdecode.batching import KvCache, batched_reference
+from flashdecode.bench import (
+    ROOF_BYTES,
+    CacheFlusher,
+    Scenario,
+    make_inputs,
+    rel_err,
+    scenarios,
+    threaded,
+    time_interleaved,
+)
 from flashdecode.paged import PagedKvCache
-from flashdecode.bench import (ROOF_BYTES, CacheFlusher, Scenario, make_inputs, rel_err, scenarios, threaded,
-                               time_interleaved)
 
 
 def torch_variants(q, cache, lengths, num_threads):
@@ -35,7 +44,7 @@ def torch_variants(q, cache, lengths, num_threads):
     longest = max(lengths)
     k = torch.from_numpy(np.ascontiguousarray(cache.keys[:, :longest].transpose(0, 2, 1, 3)))
     v = torch.from_numpy(np.ascontiguousarray(cache.values[:, :longest].transpose(0, 2, 1, 3)))
-    qt = torch.from_numpy(q).unsqueeze(2)                                  # (B, H, 1, D)
+    qt = torch.from_numpy(q).unsqueeze(2)  # (B, H, 1, D)
     ragged = min(lengths) != longest
     mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :] if ragged else None
 
@@ -45,9 +54,14 @@ def torch_variants(q, cache, lengths, num_threads):
 
     def per_slot():
         with torch.inference_mode():
-            return torch.cat([F.scaled_dot_product_attention(qt[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
-                                                             enable_gqa=True)[:, :, 0]
-                              for b, n in enumerate(lengths)])
+            return torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        qt[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], enable_gqa=True
+                    )[:, :, 0]
+                    for b, n in enumerate(lengths)
+                ]
+            )
 
     return {"padded": padded, "per-slot": per_slot}
 
@@ -55,28 +69,36 @@ def torch_variants(q, cache, lengths, num_threads):
 def torch_version():
     try:
         import torch
+
         return torch.__version__
     except ImportError:
         return None
+
 
 def run_scenario(scenario, num_threads, quick, flush, progress, roof_data):
     """Time one scenario with every method, the roof in the same rotation; returns one result row (a dict)."""
     q, cache = make_inputs(scenario)
     view = cache.view(range(len(scenario.lengths)))
     fast_reps, slow_reps = (5, 1) if quick else (11, 3)
-    row = {"scenario": scenario.name, "shape": scenario.shape, "kv_mib": scenario.kv_bytes / 2**20,
-           "threads": num_threads}
+    row = {
+        "scenario": scenario.name,
+        "shape": scenario.shape,
+        "kv_mib": scenario.kv_bytes / 2**20,
+        "threads": num_threads,
+    }
 
     def step(label):
         print(f"  {scenario.name}: {label}", file=progress, flush=True)
 
     step("checking every method against the float64 reference")
     ref = batched_reference(q, view)[0]
-    methods = {name: (lambda name=name: batched_flash_attention(q, view, backend=name, num_threads=num_threads))
-               for name in ("simd", "cython")}
+    methods = {
+        name: (lambda name=name: batched_flash_attention(q, view, backend=name, num_threads=num_threads))
+        for name in ("simd", "cython")
+    }
     variants = torch_variants(q, cache, scenario.lengths, num_threads) or {}
     for name, fn in variants.items():
-        methods[f"torch_{name}"] = (lambda fn=fn: fn().numpy())
+        methods[f"torch_{name}"] = lambda fn=fn: fn().numpy()
     for name, fn in methods.items():
         row[f"err_{name}"] = rel_err(fn(), ref)
         assert row[f"err_{name}"] < 1e-4, (scenario.name, name, row[f"err_{name}"])
@@ -84,18 +106,24 @@ def run_scenario(scenario, num_threads, quick, flush, progress, roof_data):
     roof = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
     step(f"timing {', '.join(methods)} and the roof in rotation, {fast_reps} rounds")
     timed = time_interleaved({**methods, "roof": roof}, fast_reps, flush)
-    row["roof_gbs"] = roof_data.nbytes / min(timed.pop("roof")[1]) / 1e9          # best of the rounds
+    row["roof_gbs"] = roof_data.nbytes / min(timed.pop("roof")[1]) / 1e9  # best of the rounds
     row["flashdecode_s"], row["cython_s"] = timed["simd"][0], timed["cython"][0]
     for name in variants:
         row[f"torch_{name}_s"] = timed[f"torch_{name}"][0]
     step(f"timing numpy naive (float64 reference) and numpy backend, {slow_reps} round(s)")
-    slow = time_interleaved({"naive": lambda: batched_reference(q, view),
-                             "numpy": lambda: batched_flash_attention(q, view, backend="numpy")}, slow_reps, flush)
+    slow = time_interleaved(
+        {
+            "naive": lambda: batched_reference(q, view),
+            "numpy": lambda: batched_flash_attention(q, view, backend="numpy"),
+        },
+        slow_reps,
+        flush,
+    )
     row["naive_s"], row["numpy_s"] = slow["naive"][0], slow["numpy"][0]
     if variants:
         best = min(variants, key=lambda name: row[f"torch_{name}_s"])
         row["torch_s"], row["torch_best"] = row[f"torch_{best}_s"], best
-    del cache, variants, methods         # the scenario's arrays go before the next one is built
+    del cache, variants, methods  # the scenario's arrays go before the next one is built
     gc.collect()
     row["flashdecode_gbs"] = scenario.kv_bytes / row["flashdecode_s"] / 1e9
     row["roof_frac"] = row["flashdecode_gbs"] / row["roof_gbs"]
@@ -116,11 +144,11 @@ def memory_per_call(lengths=(4096, 65536), num_heads=8, num_kv_heads=1, head_dim
     for n in lengths:
         q, cache = make_inputs(Scenario("mem", [n], num_heads, num_kv_heads, head_dim))
         view = cache.view([0])
-        batched_flash_attention(q, view, num_threads=num_threads)          # warm up: code, thread pool
+        batched_flash_attention(q, view, num_threads=num_threads)  # warm up: code, thread pool
         gc.collect()
         rss_peak = None
         try:
-            with open("/proc/self/clear_refs", "w") as f:                    # resets VmHWM to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
                 f.write("5")
             rss_before = _status_kib("VmRSS")
             tracemalloc.start()
@@ -133,8 +161,14 @@ def memory_per_call(lengths=(4096, 65536), num_heads=8, num_kv_heads=1, head_dim
             batched_flash_attention(q, view, num_threads=num_threads)
             traced_peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-        rows.append({"tokens": n, "cache_kib": (cache.keys.nbytes + cache.values.nbytes) / 1024,
-                     "traced_kib": traced_peak / 1024, "rss_kib": rss_peak})
+        rows.append(
+            {
+                "tokens": n,
+                "cache_kib": (cache.keys.nbytes + cache.values.nbytes) / 1024,
+                "traced_kib": traced_peak / 1024,
+                "rss_kib": rss_peak,
+            }
+        )
         del q, cache, view
         gc.collect()
     return rows
@@ -147,17 +181,18 @@ def _status_kib(key):
                 return int(line.split()[1])
     raise OSError(key)
 
+
 def python_threads_overlap(num_slots=8, length=4096, calls=10, rounds=3):
     """(serial s, two-thread s): 2 x `calls` single-threaded decode steps, one Python thread vs two at once."""
     q, cache = make_inputs(Scenario("threads", [length] * num_slots, 8, 8))
-    cache.keys.flags.writeable = cache.values.flags.writeable = False     # shared, read-only
+    cache.keys.flags.writeable = cache.values.flags.writeable = False  # shared, read-only
     view = cache.view(range(num_slots))
 
     def work():
         for _ in range(calls):
             batched_flash_attention(q, view, num_threads=1)
 
-    work()                                                                    # warm up
+    work()  # warm up
     serial, together = [], []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -169,15 +204,41 @@ def python_threads_overlap(num_slots=8, length=4096, calls=10, rounds=3):
         together.append(time.perf_counter() - start)
     return min(serial), min(together)
 
-COLUMNS = [("scenario", "{:<8}"), ("shape", "{:<34}"), ("kv_mib", "{:>7.0f}"), ("cython_s", "{:>8.2f}"),
-           ("cython_roof_frac", "{:>5.0%}"), ("flashdecode_s", "{:>8.2f}"),
-           ("flashdecode_gbs", "{:>6.2f}"), ("roof_gbs", "{:>5.1f}"), ("roof_frac", "{:>5.0%}"), ("x_cython", "{:>5.1f}x"),
-           ("x_naive", "{:>6.0f}x"), ("x_numpy", "{:>5.0f}x"), ("torch_s", "{:>8.2f}"), ("torch_best", "{:<8}"),
-           ("x_torch", "{:>5.1f}x")]
-HEADERS = {"scenario": "scenario", "shape": "shape", "kv_mib": "KV MiB", "cython_s": "cython ms",
-           "cython_roof_frac": "%roof", "x_cython": "vs cy", "flashdecode_s": "simd ms",
-           "flashdecode_gbs": "GB/s", "roof_gbs": "roof", "roof_frac": "%roof", "x_naive": "vs naive",
-           "x_numpy": "vs np", "torch_s": "torch ms", "torch_best": "torch", "x_torch": "vs torch"}
+
+COLUMNS = [
+    ("scenario", "{:<8}"),
+    ("shape", "{:<34}"),
+    ("kv_mib", "{:>7.0f}"),
+    ("cython_s", "{:>8.2f}"),
+    ("cython_roof_frac", "{:>5.0%}"),
+    ("flashdecode_s", "{:>8.2f}"),
+    ("flashdecode_gbs", "{:>6.2f}"),
+    ("roof_gbs", "{:>5.1f}"),
+    ("roof_frac", "{:>5.0%}"),
+    ("x_cython", "{:>5.1f}x"),
+    ("x_naive", "{:>6.0f}x"),
+    ("x_numpy", "{:>5.0f}x"),
+    ("torch_s", "{:>8.2f}"),
+    ("torch_best", "{:<8}"),
+    ("x_torch", "{:>5.1f}x"),
+]
+HEADERS = {
+    "scenario": "scenario",
+    "shape": "shape",
+    "kv_mib": "KV MiB",
+    "cython_s": "cython ms",
+    "cython_roof_frac": "%roof",
+    "x_cython": "vs cy",
+    "flashdecode_s": "simd ms",
+    "flashdecode_gbs": "GB/s",
+    "roof_gbs": "roof",
+    "roof_frac": "%roof",
+    "x_naive": "vs naive",
+    "x_numpy": "vs np",
+    "torch_s": "torch ms",
+    "torch_best": "torch",
+    "x_torch": "vs torch",
+}
 
 
 def format_table(rows):
@@ -217,15 +278,18 @@ def plot(rows, path=None):
     """Bars of effective GB/s per scenario (flashdecode, torch's better SDPA, the numpy backend) under
     each scenario's measured roof. Returns the matplotlib figure (saved to `path` when given)."""
     import matplotlib
+
     if path is not None and "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = [row["scenario"] for row in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    series = [("flashdecode, SIMD tile kernels", [row["flashdecode_gbs"] for row in rows], "tab:blue"),
-              ("flashdecode, plain Cython", [row["kv_mib"] * 2**20 / row["cython_s"] / 1e9 for row in rows],
-               "tab:cyan")]
+    series = [
+        ("flashdecode, SIMD tile kernels", [row["flashdecode_gbs"] for row in rows], "tab:blue"),
+        ("flashdecode, plain Cython", [row["kv_mib"] * 2**20 / row["cython_s"] / 1e9 for row in rows], "tab:cyan"),
+    ]
     if any("torch_gbs" in row for row in rows):
         series.append(("torch SDPA (better variant)", [row.get("torch_gbs", 0) for row in rows], "tab:orange"))
     series.append(("numpy backend", [row["kv_mib"] * 2**20 / row["numpy_s"] / 1e9 for row in rows], "tab:gray"))
@@ -233,8 +297,13 @@ def plot(rows, path=None):
     for i, (label, values, color) in enumerate(series):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label, color=color)
     for i, row in enumerate(rows):
-        ax.plot([i - 0.45, i + 0.45], [row["roof_gbs"]] * 2, color="black", lw=1.5,
-                label="read roof (numpy sum)" if i == 0 else None)
+        ax.plot(
+            [i - 0.45, i + 0.45],
+            [row["roof_gbs"]] * 2,
+            color="black",
+            lw=1.5,
+            label="read roof (numpy sum)" if i == 0 else None,
+        )
     ax.set_xticks(x, names)
     ax.set_ylabel("effective GB/s (KV bytes / time)")
     ax.set_title(f"decode attention, {rows[0]['threads']} threads")
@@ -244,6 +313,7 @@ def plot(rows, path=None):
         fig.savefig(path, dpi=110)
     return fig
 
+
 def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
     """Run the scenarios (all, or those named) and return their result rows."""
     num_threads = num_threads or get_num_threads()
@@ -252,8 +322,11 @@ def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
     roof_data = np.ones(ROOF_BYTES // 4, np.float32)
     rows = []
     for i, scenario in enumerate(chosen, 1):
-        print(f"[{i}/{len(chosen)}] {scenario.name}: {scenario.shape} ({scenario.kv_bytes / 2**20:.0f} MiB of KV)",
-              file=progress, flush=True)
+        print(
+            f"[{i}/{len(chosen)}] {scenario.name}: {scenario.shape} ({scenario.kv_bytes / 2**20:.0f} MiB of KV)",
+            file=progress,
+            flush=True,
+        )
         rows.append(run_scenario(scenario, num_threads, quick, flush, progress, roof_data))
     return rows
 
@@ -262,16 +335,22 @@ def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeat
     """The same batch as a KvCache and as a PagedKvCache (blocks of `block_size`), timed in rotation.
     Returns (contiguous s, paged s)."""
     q, cache = make_inputs(scenario)
-    pool = PagedKvCache(sum(-(-n // block_size) for n in scenario.lengths), block_size,
-                        scenario.num_kv_heads, scenario.head_dim)
+    pool = PagedKvCache(
+        sum(-(-n // block_size) for n in scenario.lengths), block_size, scenario.num_kv_heads, scenario.head_dim
+    )
     seqs = [pool.new_sequence() for _ in scenario.lengths]
     for slot, (seq, n) in enumerate(zip(seqs, scenario.lengths)):
         pool.append(seq, cache.keys[slot, :n], cache.values[slot, :n])
     contiguous, paged = cache.view(range(len(seqs))), pool.view(seqs)
     assert rel_err(batched_flash_attention(q, paged), batched_flash_attention(q, contiguous)) < 1e-5
-    timed = time_interleaved({"contiguous": lambda: batched_flash_attention(q, contiguous, num_threads=num_threads),
-                              "paged": lambda: batched_flash_attention(q, paged, num_threads=num_threads)},
-                             repeats, flush)
+    timed = time_interleaved(
+        {
+            "contiguous": lambda: batched_flash_attention(q, contiguous, num_threads=num_threads),
+            "paged": lambda: batched_flash_attention(q, paged, num_threads=num_threads),
+        },
+        repeats,
+        flush,
+    )
     return timed["contiguous"][0], timed["paged"][0]
 
 
@@ -287,12 +366,14 @@ def storage_formats(scenario, num_threads, flush, roof_data, repeats=7):
     num_slots = len(scenario.lengths)
     methods, caches = {}, {}
     for format in STORAGE_FORMATS:
-        cache = caches[format] = KvCache(num_slots, max(scenario.lengths), scenario.num_kv_heads, scenario.head_dim,
-                                         dtype=format)
+        cache = caches[format] = KvCache(
+            num_slots, max(scenario.lengths), scenario.num_kv_heads, scenario.head_dim, dtype=format
+        )
         for slot, n in enumerate(scenario.lengths):
             cache.append(slot, source.keys[slot, :n], source.values[slot, :n])
-        methods[format] = (lambda cache=cache: batched_flash_attention(q, cache.view(range(num_slots)),
-                                                                       num_threads=num_threads))
+        methods[format] = lambda cache=cache: batched_flash_attention(
+            q, cache.view(range(num_slots)), num_threads=num_threads
+        )
     del source
     methods["roof"] = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
     timed = time_interleaved(methods, repeats, flush)
@@ -300,10 +381,22 @@ def storage_formats(scenario, num_threads, flush, roof_data, repeats=7):
     tokens = int(np.sum(scenario.lengths))
     rows = []
     for format, (seconds, _) in timed.items():
-        read = tokens * scenario.num_kv_heads * 2 * (scenario.head_dim * BYTES_PER_NUMBER[format]
-                                                     + (4 if format == "int8" else 0))
-        rows.append({"scenario": scenario.name, "format": format, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
-                     "speedup": timed["float32"][0] / seconds, "roof_frac": read / seconds / roof})
+        read = (
+            tokens
+            * scenario.num_kv_heads
+            * 2
+            * (scenario.head_dim * BYTES_PER_NUMBER[format] + (4 if format == "int8" else 0))
+        )
+        rows.append(
+            {
+                "scenario": scenario.name,
+                "format": format,
+                "ms": seconds * 1e3,
+                "tokens_per_s": tokens / seconds,
+                "speedup": timed["float32"][0] / seconds,
+                "roof_frac": read / seconds / roof,
+            }
+        )
     return rows
 
 
@@ -312,17 +405,23 @@ def window_against_short_cache(num_threads, flush, length=65536, window_left=256
     the window, timed in rotation. Returns {label: s}."""
     q, cache = make_inputs(Scenario("window", [length], 8, 1))
     keys, values = cache.keys[0, :length], cache.values[0, :length]
-    short_keys, short_values = keys[-window_left - 1:].copy(), values[-window_left - 1:].copy()
-    methods = {f"{length} tokens, window_left={window_left}":
-               lambda: flash_attention_forward(q, keys, values, window_left=window_left, num_threads=num_threads),
-               f"{window_left + 1} tokens": lambda: flash_attention_forward(q, short_keys, short_values,
-                                                                          num_threads=num_threads),
-               f"{length} tokens, no window": lambda: flash_attention_forward(q, keys, values, num_threads=num_threads)}
+    short_keys, short_values = keys[-window_left - 1 :].copy(), values[-window_left - 1 :].copy()
+    methods = {
+        f"{length} tokens, window_left={window_left}": lambda: flash_attention_forward(
+            q, keys, values, window_left=window_left, num_threads=num_threads
+        ),
+        f"{window_left + 1} tokens": lambda: flash_attention_forward(
+            q, short_keys, short_values, num_threads=num_threads
+        ),
+        f"{length} tokens, no window": lambda: flash_attention_forward(q, keys, values, num_threads=num_threads),
+    }
     return {label: median for label, (median, _) in time_interleaved(methods, repeats, flush).items()}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m flashdecode.bench_report", description="flashdecode decode-attention benchmark")
+    parser = argparse.ArgumentParser(
+        prog="python -m flashdecode.bench_report", description="flashdecode decode-attention benchmark"
+    )
     parser.add_argument("--quick", action="store_true", help="caches a quarter the size, fewer repeats")
     parser.add_argument("--out", default="bench-results", help="directory for results.csv and results.png")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: get_num_threads())")
@@ -330,21 +429,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
     threads = args.threads or get_num_threads()
     version = torch_version()
-    print(f"flashdecode bench: {threads} threads, {'quick' if args.quick else 'full'} run, "
-          f"torch {version if version else 'not installed (pip install torch==2.13.0; make bench does)'}",
-          file=sys.stderr)
+    print(
+        f"flashdecode bench: {threads} threads, {'quick' if args.quick else 'full'} run, "
+        f"torch {version if version else 'not installed (pip install torch==2.13.0; make bench does)'}",
+        file=sys.stderr,
+    )
     rows = run(args.quick, threads, args.scenario)
     print("memory per call ...", file=sys.stderr, flush=True)
     memory = memory_per_call(num_threads=threads)
     print("paged against contiguous, and a window over a long cache ...", file=sys.stderr, flush=True)
     flush = CacheFlusher()
-    paged = {s.name: paged_against_contiguous(s, threads, flush) for s in scenarios(args.quick)
-             if s.name in ("uniform", "ragged")}
+    paged = {
+        s.name: paged_against_contiguous(s, threads, flush)
+        for s in scenarios(args.quick)
+        if s.name in ("uniform", "ragged")
+    }
     window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
     print("storage formats ...", file=sys.stderr, flush=True)
     roof_data = np.ones(ROOF_BYTES // 4, np.float32)
-    formats = [row for s in scenarios(args.quick) if s.name in ("uniform", "ragged", "mqa-64k", "gqa-g8")
-               for row in storage_formats(s, threads, flush, roof_data)]
+    formats = [
+        row
+        for s in scenarios(args.quick)
+        if s.name in ("uniform", "ragged", "mqa-64k", "gqa-g8")
+        for row in storage_formats(s, threads, flush, roof_data)
+    ]
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
@@ -355,25 +463,39 @@ def main(argv=None):
     except ImportError:
         saved = "results.csv (no matplotlib: no plot)"
     print(format_table(rows))
-    print(f"cython ms / simd ms / torch ms: median wall time of one decode step with the plain and the SIMD tile kernels ({threads} threads, cold cache); GB/s: KV bytes "
-          "read / time; roof: numpy sum over 256 MiB on 1 and on N threads, best of the rounds, timed in rotation "
-          "with the kernels; vs X: X's time / the SIMD kernel's (the default); torch: the better of its padded and per-slot SDPA "
-          f"({'torch ' + version if version else 'torch not installed'}).")
+    print(
+        "cython ms / simd ms / torch ms: median wall time of one decode step with the plain and the SIMD tile "
+        f"kernels ({threads} threads, cold cache); GB/s: KV bytes read / time; roof: numpy sum over 256 MiB on 1 and "
+        "on N threads, best of the rounds, timed in rotation with the kernels; vs X: X's time / the SIMD kernel's "
+        "(the default); torch: the better of its padded and per-slot SDPA "
+        f"({'torch ' + version if version else 'torch not installed'})."
+    )
     for m in memory:
         rss = "n/a" if m["rss_kib"] is None else f"{m['rss_kib']:.0f} KiB"
-        print(f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
-              f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}")
+        print(
+            f"extra memory per call, {m['tokens']:>6} tokens ({m['cache_kib'] / 1024:.0f} MiB cache): "
+            f"traced peak {m['traced_kib']:.0f} KiB, peak RSS growth {rss}"
+        )
     for name, (contiguous, paged_s) in paged.items():
-        print(f"paged (blocks of 16) against contiguous, {name}: {contiguous * 1e3:.2f} ms contiguous, "
-              f"{paged_s * 1e3:.2f} ms paged: paged runs at {contiguous / paged_s:.0%} of the contiguous speed")
-    print("sliding window, one MQA decode step (H=8/1 D=128): "
-          + ", ".join(f"{label} {seconds * 1e3:.3f} ms" for label, seconds in window.items()))
+        print(
+            f"paged (blocks of 16) against contiguous, {name}: {contiguous * 1e3:.2f} ms contiguous, "
+            f"{paged_s * 1e3:.2f} ms paged: paged runs at {contiguous / paged_s:.0%} of the contiguous speed"
+        )
+    print(
+        "sliding window, one MQA decode step (H=8/1 D=128): "
+        + ", ".join(f"{label} {seconds * 1e3:.3f} ms" for label, seconds in window.items())
+    )
     print("storage formats (the same batch from a cache of each format; roof: bytes actually read / time):")
     for row in formats:
-        print(f"  {row['scenario']:8} {row['format']:9} {row['ms']:8.2f} ms  {row['tokens_per_s'] / 1e6:7.2f} M tokens/s  "
-              f"{row['speedup']:5.2f}x float32  {row['roof_frac']:5.0%} of the roof")
-    print(f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
-          f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap")
+        print(
+            f"  {row['scenario']:8} {row['format']:9} {row['ms']:8.2f} ms  "
+            f"{row['tokens_per_s'] / 1e6:7.2f} M tokens/s  "
+            f"{row['speedup']:5.2f}x float32  {row['roof_frac']:5.0%} of the roof"
+        )
+    print(
+        f"two Python threads, each running 10 single-threaded decode steps (B=8 H=8/8 D=128 L=4096): "
+        f"{serial * 1e3:.0f} ms one after the other, {together * 1e3:.0f} ms at once: {serial / together:.2f}x overlap"
+    )
     print(f"saved {saved} in {args.out}/", file=sys.stderr)
     return rows, memory
 

@@ -5,6 +5,7 @@ Run by tests/test_dist.py in a Python process of their own (see there why). One 
 whole module, shut down at the end, with a check that its processes are gone. Ray is in the dev extra: these
 tests never skip themselves.
 """
+
 import contextlib
 import io
 import os
@@ -16,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from conftest import rel_err
 
 from flashdecode import AttentionError, KvCache, batched_flash_attention
 from flashdecode.dist import PagedSlots, ShardedKvCache, place_tokens, start_local_ray, step_traffic_bytes, tree_merge
 
-from conftest import rel_err
-
-LENGTHS = [0, 1, 37, 250, 333]          # per slot: an empty slot, a single token, and longer ones
+LENGTHS = [0, 1, 37, 250, 333]  # per slot: an empty slot, a single token, and longer ones
 NUM_KV_HEADS, HEAD_DIM = 2, 16
 
 
@@ -51,9 +51,13 @@ def local_ray():
     yield started
     ray.shutdown()
     deadline = time.monotonic() + 15
-    while (left := [p for p in ray_processes if Path(f"/proc/{p}").exists()
-                    and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]) \
-            and time.monotonic() < deadline:
+    while (
+        left := [
+            p
+            for p in ray_processes
+            if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        ]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"Ray processes still running after ray.shutdown(): {left}"
 
@@ -83,26 +87,38 @@ def assert_same_step(cache, local, rng, num_heads, slots=None):
     return q, out, lse
 
 
-@pytest.mark.parametrize("num_shards, capacity, block_size, storage", [
-    (1, 340, None, KvCache),             # one shard: the kernel behind one round trip
-    (2, [100, 250], None, PagedSlots),   # uneven, filled in order; each shard a paged cache (chapter 07)
-    (3, [120, 0, 230], None, KvCache),   # a shard with no room at all
-    (4, 96, 16, KvCache),                # blocks of 16 dealt round-robin
-], ids=["1-shard", "2-uneven-paged", "3-one-empty", "4-round-robin"])
+@pytest.mark.parametrize(
+    "num_shards, capacity, block_size, storage",
+    [
+        (1, 340, None, KvCache),  # one shard: the kernel behind one round trip
+        (2, [100, 250], None, PagedSlots),  # uneven, filled in order; each shard a paged cache (chapter 07)
+        (3, [120, 0, 230], None, KvCache),  # a shard with no room at all
+        (4, 96, 16, KvCache),  # blocks of 16 dealt round-robin
+    ],
+    ids=["1-shard", "2-uneven-paged", "3-one-empty", "4-round-robin"],
+)
 def test_sequence_sharding_equals_the_kernel(local_ray, num_shards, capacity, block_size, storage):
     rng = np.random.default_rng(num_shards)
-    with ShardedKvCache(len(LENGTHS), capacity, NUM_KV_HEADS, HEAD_DIM, num_shards=num_shards,
-                        block_size=block_size, timeout=20, storage=storage) as cache:
+    with ShardedKvCache(
+        len(LENGTHS),
+        capacity,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        num_shards=num_shards,
+        block_size=block_size,
+        timeout=20,
+        storage=storage,
+    ) as cache:
         local = filled(cache, rng)
         assert [cache.position(s) for s in range(len(LENGTHS))] == LENGTHS
         assert cache.positions.sum(axis=0).tolist() == LENGTHS
         with pytest.raises(AttentionError, match=r"shard 0 has no snapshot to restore from"):
             cache.restore(0)
         assert_same_step(cache, local, rng, num_heads=8)
-        assert_same_step(cache, local, rng, num_heads=2, slots=[4, 0, 3])    # MHA, a subset, out of order
-        _, out, lse = assert_same_step(cache, local, rng, num_heads=4, slots=[0])   # no shard holds anything
+        assert_same_step(cache, local, rng, num_heads=2, slots=[4, 0, 3])  # MHA, a subset, out of order
+        _, out, lse = assert_same_step(cache, local, rng, num_heads=4, slots=[0])  # no shard holds anything
         assert not out.any() and np.isneginf(lse).all()
-        cache.reset(3)                                                   # freed, then reused by a new request
+        cache.reset(3)  # freed, then reused by a new request
         local.reset(3)
         k, v = rng.standard_normal((2, 40, NUM_KV_HEADS, HEAD_DIM))
         cache.append(3, k, v)
@@ -115,10 +131,10 @@ def test_head_sharding_equals_the_kernel(local_ray):
     rng = np.random.default_rng(7)
     lengths = [5, 0, 300]
     with ShardedKvCache(3, 310, 3, HEAD_DIM, num_shards=2, shard_by="head", timeout=20) as cache:
-        assert cache.head_bounds == [0, 2, 3]                           # uneven: kv heads {0, 1} and {2}
+        assert cache.head_bounds == [0, 2, 3]  # uneven: kv heads {0, 1} and {2}
         local = filled(cache, rng, lengths, num_kv_heads=3)
         assert [cache.position(s) for s in range(3)] == lengths
-        for num_heads in (3, 6, 12):                                     # MHA, GQA groups of 2 and of 4
+        for num_heads in (3, 6, 12):  # MHA, GQA groups of 2 and of 4
             assert_same_step(cache, local, rng, num_heads)
 
 
@@ -128,7 +144,7 @@ def pair(local_ray):
     rng = np.random.default_rng(11)
     cache = ShardedKvCache(3, 200, NUM_KV_HEADS, HEAD_DIM, num_shards=2, block_size=32, timeout=10)
     local = filled(cache, rng, lengths=[90, 150, 3])
-    assert (cache.positions.sum(axis=1) > 0).all()                     # both shards hold tokens
+    assert (cache.positions.sum(axis=1) > 0).all()  # both shards hold tokens
     cache.snapshot()
     q = rng.standard_normal((3, 4, HEAD_DIM)).astype(np.float32)
     yield cache, local, q, cache.decode(q, range(3), return_lse=True)
@@ -136,7 +152,7 @@ def pair(local_ray):
 
 
 def test_bad_input_is_an_attention_error_naming_it(pair):
-    cache = pair[0]                             # 3 slots, 2 shards of 200 tokens, Hkv=2, D=16
+    cache = pair[0]  # 3 slots, 2 shards of 200 tokens, Hkv=2, D=16
     positions = cache.positions.copy()
     cases = [
         (lambda: cache.decode(np.zeros((3, 4, 7)), [0, 1, 2]), r"wanted \(3, H, 16\) for 3 slots; got \(3, 4, 7\)"),
@@ -160,18 +176,18 @@ def test_bad_input_is_an_attention_error_naming_it(pair):
     for call, message in cases:
         with pytest.raises(AttentionError, match=message):
             call()
-    assert np.array_equal(cache.positions, positions)                   # nothing was half-written
+    assert np.array_equal(cache.positions, positions)  # nothing was half-written
 
 
 def test_a_shard_killed_during_a_step_is_named_and_restored(pair):
     cache, _, q, (out, lse) = pair
-    cache.actors[1].__ray_call__.remote(lambda worker: time.sleep(5))    # shard 1 busy: the step waits for it
-    threading.Timer(0.3, ray.kill, [cache.actors[1]]).start()             # and it dies in the middle of the step
+    cache.actors[1].__ray_call__.remote(lambda worker: time.sleep(5))  # shard 1 busy: the step waits for it
+    threading.Timer(0.3, ray.kill, [cache.actors[1]]).start()  # and it dies in the middle of the step
     started = time.perf_counter()
     with pytest.raises(AttentionError, match=r"decode step failed: shard 1's actor died \(ActorDiedError"):
         cache.decode(q, range(3))
     assert time.perf_counter() - started < cache.timeout + 2
-    with pytest.raises(AttentionError, match=r"shard 1's actor died"):    # no answer from a dead shard, ever
+    with pytest.raises(AttentionError, match=r"shard 1's actor died"):  # no answer from a dead shard, ever
         cache.decode(q, range(3))
     cache.restore(1)
     again_out, again_lse = cache.decode(q, range(3), return_lse=True)
@@ -180,7 +196,7 @@ def test_a_shard_killed_during_a_step_is_named_and_restored(pair):
 
 def test_a_silent_shard_times_out_naming_it(pair):
     cache, _, q, (out, _) = pair
-    cache.actors[0].__ray_call__.remote(lambda worker: time.sleep(4))    # alive, but does not answer
+    cache.actors[0].__ray_call__.remote(lambda worker: time.sleep(4))  # alive, but does not answer
     cache.timeout, started = 1.0, time.perf_counter()
     try:
         with pytest.raises(AttentionError, match=r"shard 0 did not answer within the timeout of 1 s"):
@@ -188,13 +204,13 @@ def test_a_silent_shard_times_out_naming_it(pair):
         assert 1.0 <= time.perf_counter() - started < 1.0 + 2.5
     finally:
         cache.timeout = 10.0
-    assert np.array_equal(cache.decode(q, range(3)), out)                 # it answers again once free
+    assert np.array_equal(cache.decode(q, range(3)), out)  # it answers again once free
 
 
 def test_restore_replays_the_appends_made_since_the_snapshot(pair):
     cache, local, q, _ = pair
     rng = np.random.default_rng(5)
-    for slot in range(3):                       # a decode step's new tokens, after the snapshot
+    for slot in range(3):  # a decode step's new tokens, after the snapshot
         k, v = rng.standard_normal((2, 1, NUM_KV_HEADS, HEAD_DIM))
         cache.append(slot, k, v)
         local.append(slot, k, v)
@@ -210,7 +226,7 @@ def test_restore_replays_the_appends_made_since_the_snapshot(pair):
 def test_tree_merge_and_placement_without_ray():
     rng = np.random.default_rng(0)
     outs, lses = rng.standard_normal((7, 2, 3, 5)), rng.standard_normal((7, 2, 3))
-    lses[2] = -np.inf                                                      # an empty part counts for nothing
+    lses[2] = -np.inf  # an empty part counts for nothing
     levels = []
     tree = tree_merge(list(outs), list(lses), levels=levels)
     flat = tree_merge(list(outs), list(lses), fan_in=7)

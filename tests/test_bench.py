@@ -1,12 +1,19 @@
 """The make bench harness runs, and checks what it times, on a small batch (speed itself is measured by make bench,
 never asserted in a unit test)."""
+
 import io
 
 import numpy as np
 
 from flashdecode.bench import Scenario
-from flashdecode.bench_report import (STORAGE_FORMATS, format_table, paged_against_contiguous, run_scenario,
-                                      storage_formats, window_against_short_cache)
+from flashdecode.bench_report import (
+    STORAGE_FORMATS,
+    format_table,
+    paged_against_contiguous,
+    run_scenario,
+    storage_formats,
+    window_against_short_cache,
+)
 
 TINY = Scenario("tiny", [40, 7, 100], 8, 2, 16)
 ROOF_DATA = np.ones(1 << 16, np.float32)

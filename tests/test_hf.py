@@ -7,6 +7,7 @@ sliding window) and gpt-oss (sinks) need the kernel's window_left / softcap / si
 (strictly) with a kernel that lacks those keyword arguments and must pass with one that has them. The same three
 also run through a float64 reference kernel that has the arguments, which checks the adapter's side alone.
 """
+
 import math
 import re
 import subprocess
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import flashdecode.hf as hf          # before torch: flashdecode sets OMP_WAIT_POLICY=PASSIVE for both runtimes
-import torch                         # noqa: E402
-import transformers                  # noqa: E402
-from flashdecode.api import kernel_ready  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
+
+import flashdecode.hf as hf  # before torch: flashdecode sets OMP_WAIT_POLICY=PASSIVE for both runtimes
+from flashdecode.api import kernel_ready  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 NAME = hf.register()
@@ -33,32 +34,63 @@ def needs_variants(*names):
     """Marks for a test that needs the kernel's keyword arguments `names`: an expected failure (strict, so it must
     pass once they exist) while the installed kernel lacks any of them."""
     missing = [name for name in names if not hf.kernel_accepts(name)]
-    return [pytest.mark.needs_variants,
-            pytest.mark.xfail(condition=bool(missing), strict=True, raises=NotImplementedError,
-                              reason=f"the kernel does not accept {', '.join(missing) or 'them'} yet (issue 11)")]
+    return [
+        pytest.mark.needs_variants,
+        pytest.mark.xfail(
+            condition=bool(missing),
+            strict=True,
+            raises=NotImplementedError,
+            reason=f"the kernel does not accept {', '.join(missing) or 'them'} yet (issue 11)",
+        ),
+    ]
 
 
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_model(arch):
     """A 2-layer model of the named architecture with random weights, in eval mode."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GptOssConfig,
+        GptOssForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
     configs = {
         "llama": (LlamaForCausalLM, LlamaConfig(**COMMON)),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON)),
         "mistral": (MistralForCausalLM, MistralConfig(sliding_window=8, **COMMON)),
-        "gemma2": (Gemma2ForCausalLM, Gemma2Config(sliding_window=8, head_dim=16, attn_logit_softcapping=1.0,
-                                                   initializer_range=0.2, **COMMON)),   # a cap that binds
-        "gpt_oss": (GptOssForCausalLM, GptOssConfig(sliding_window=8, head_dim=16, num_local_experts=4,
-                                                    num_experts_per_tok=2, **COMMON)),
+        "gemma2": (
+            Gemma2ForCausalLM,
+            Gemma2Config(sliding_window=8, head_dim=16, attn_logit_softcapping=1.0, initializer_range=0.2, **COMMON),
+        ),  # a cap that binds
+        "gpt_oss": (
+            GptOssForCausalLM,
+            GptOssConfig(sliding_window=8, head_dim=16, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+        ),
     }
     cls, config = configs[arch]
     torch.manual_seed(0)
     model = cls(config).eval()
-    if arch == "gpt_oss":                  # sinks start at zero: make them matter
+    if arch == "gpt_oss":  # sinks start at zero: make them matter
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0.0, 2.0)
@@ -77,9 +109,10 @@ def run(model, implementation, ids, mask, new_tokens=30, **generate):
     model.set_attn_implementation(implementation)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, **generate)
-    return logits, out[:, ids.shape[1]:]
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate
+        )
+    return logits, out[:, ids.shape[1] :]
 
 
 def check_against_eager(arch, **generate):
@@ -99,18 +132,25 @@ def test_generate_matches_eager(arch):
 
 
 def test_static_cache():
-    """A static cache is allocated for the longest sequence: the mask hides its unused tail, the plan stops before it."""
+    """A static cache is allocated for the longest sequence: the mask hides its unused tail, the plan stops
+    before it."""
     check_against_eager("llama", cache_implementation="static")
 
 
-@pytest.mark.parametrize("arch", [pytest.param("mistral", marks=needs_variants("window_left")),
-                                  pytest.param("gemma2", marks=needs_variants("window_left", "softcap")),
-                                  pytest.param("gpt_oss", marks=needs_variants("window_left", "sinks"))])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("mistral", marks=needs_variants("window_left")),
+        pytest.param("gemma2", marks=needs_variants("window_left", "softcap")),
+        pytest.param("gpt_oss", marks=needs_variants("window_left", "sinks")),
+    ],
+)
 def test_generate_matches_eager_with_variants(arch):
     check_against_eager(arch)
 
 
 # --- the adapter's side of the variants, through a float64 reference kernel that has the keyword arguments ---
+
 
 def reference_rows(q, k, v, scale, last, window_left, softcap, sinks):
     """q (N, H, D); k, v (L, Hkv, D); query n sees keys [max(0, last[n] - window_left), last[n]] (float64)."""
@@ -130,7 +170,7 @@ def reference_rows(q, k, v, scale, last, window_left, softcap, sinks):
     top = np.max(scores, axis=2, keepdims=True)
     p = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
     p = p / np.maximum(p.sum(axis=2, keepdims=True), 1e-300)
-    return np.einsum("nhl,lhd->nhd", p[..., :k.shape[0]], v).astype(np.float32)
+    return np.einsum("nhl,lhd->nhd", p[..., : k.shape[0]], v).astype(np.float32)
 
 
 def reference_forward(q, k, v, softmax_scale=None, causal=False, *, window_left=None, softcap=None, sinks=None):
@@ -146,8 +186,16 @@ def reference_batched(q_batch, kv_view, softmax_scale=None, *, window_left=None,
         position = kv_view.position(b)
         if position:
             k, v = kv_view.kv_for_slot(b)
-            out[b] = reference_forward(q_batch[b:b + 1], k[:position], v[:position], softmax_scale, True,
-                                       window_left=window_left, softcap=softcap, sinks=sinks)[0]
+            out[b] = reference_forward(
+                q_batch[b : b + 1],
+                k[:position],
+                v[:position],
+                softmax_scale,
+                True,
+                window_left=window_left,
+                softcap=softcap,
+                sinks=sinks,
+            )[0]
     return out
 
 
@@ -172,13 +220,18 @@ def test_missing_variant_is_refused_by_name(monkeypatch):
 
 # --- zero-copy ---
 
+
 def decode_step_with_cache(model, length, spy=None, monkeypatch=None, dtype=torch.float32):
     """numpy's peak allocation (bytes) during one decode step over `length` cached tokens, and the cache's bytes."""
     cache = DynamicCache(config=model.config)
     for layer in range(model.config.num_hidden_layers):
         cache.update(torch.randn(2, 2, length, 16).to(dtype), torch.randn(2, 2, length, 16).to(dtype), layer)
-    step = dict(input_ids=torch.tensor([[5], [6]]), attention_mask=torch.ones(2, length + 1, dtype=torch.long),
-                cache=cache, use_cache=True)
+    step = dict(
+        input_ids=torch.tensor([[5], [6]]),
+        attention_mask=torch.ones(2, length + 1, dtype=torch.long),
+        cache=cache,
+        use_cache=True,
+    )
     model.set_attn_implementation(NAME)
     with torch.no_grad():
         model(**step)
@@ -207,17 +260,21 @@ def test_decode_reads_the_cache_in_place(monkeypatch, dtype):
     short_peak, _, _ = decode_step_with_cache(model, 4096, dtype=dtype)
     peak, cache_bytes, cache = decode_step_with_cache(model, 65_536, spy, monkeypatch, dtype)
     assert peak < cache_bytes / 100 and peak < 2 * short_peak + 16384, (peak, short_peak, cache_bytes)
-    storages = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes())
-                for layer in cache.layers for t in (layer.keys, layer.values)]
+    storages = [
+        (t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes())
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+    ]
     assert len(seen) == 2 * model.config.num_hidden_layers
     for k, v, in_place in seen:
-        assert in_place and k.shape == (65_537, 2, 16)        # the cache and the new token
+        assert in_place and k.shape == (65_537, 2, 16)  # the cache and the new token
         for array in (k, v):
             address = array.__array_interface__["data"][0]
             assert any(lo <= address < hi for lo, hi in storages), "the kernel read a copy of the cache"
 
 
 # --- masks: what is expressed, what is refused ---
+
 
 def random_plan_mask(rng, q_len, kv_len):
     """A mask (Lq, Lkv) of left padding + causal/full + sometimes a window, and its plan."""
@@ -255,7 +312,7 @@ def test_refused_masks():
     with pytest.raises(hf.MaskError, match="cannot express"):
         hf.batch_plans(hole, 1, 6, 1)
     bias = torch.zeros(1, 1, 1, 6)
-    bias[..., 2] = -1.0                                      # an additive bias, not a mask
+    bias[..., 2] = -1.0  # an additive bias, not a mask
     with pytest.raises(hf.MaskError, match="bias"):
         hf.batch_plans(bias, 1, 6, 1)
     per_head = torch.ones(1, 2, 1, 6, dtype=torch.bool)
@@ -265,11 +322,17 @@ def test_refused_masks():
     with pytest.raises(hf.MaskError, match="shape"):
         hf.batch_plans(torch.ones(1, 1, 2, 6, dtype=torch.bool), 1, 6, 1)
     layer = types.SimpleNamespace(training=False, is_causal=True)
-    for q_len in (1, 3):                      # a mask narrower than the keys: refused
+    for q_len in (1, 3):  # a mask narrower than the keys: refused
         mask = torch.ones(1, 1, q_len, 6, dtype=torch.bool)
         with pytest.raises(hf.MaskError, match="shape"):
-            hf.fdecode_attention(layer, torch.randn(1, 4, q_len, 16), torch.randn(1, 2, 7, 16),
-                                 torch.randn(1, 2, 7, 16), mask, scaling=0.25)
+            hf.fdecode_attention(
+                layer,
+                torch.randn(1, 4, q_len, 16),
+                torch.randn(1, 2, 7, 16),
+                torch.randn(1, 2, 7, 16),
+                mask,
+                scaling=0.25,
+            )
 
 
 def test_rows_with_different_windows_in_prefill(monkeypatch):
@@ -311,9 +374,9 @@ def test_model_dtypes(dtype, atol):
         k, v = torch.randn(2, 2, 9, 16, generator=generator), torch.randn(2, 2, 9, 16, generator=generator)
         out, weights = hf.fdecode_attention(layer, q.to(dtype), k.to(dtype), v.to(dtype), None, scaling=0.25)
         causal = torch.ones(q_len, 9, dtype=torch.bool).tril(9 - q_len)
-        expected = torch.nn.functional.scaled_dot_product_attention(q.to(dtype).float(), k.to(dtype).float(),
-                                                                    v.to(dtype).float(), causal, scale=0.25,
-                                                                    enable_gqa=True).transpose(1, 2)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), causal, scale=0.25, enable_gqa=True
+        ).transpose(1, 2)
         assert out.dtype == dtype and weights is None and out.shape == (2, q_len, 4, 16)
         assert torch.allclose(out.float(), expected, atol=atol), (dtype, q_len)
 
@@ -331,6 +394,7 @@ def test_bfloat16_model_generates():
 def test_register_is_idempotent_and_avoids_the_flash_loader():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
     assert hf.register() == hf.register() == NAME and "flash" not in NAME
     assert AttentionInterface._global_mapping[NAME] is hf.fdecode_attention
     assert AttentionMaskInterface._global_mapping[NAME] is hf.fdecode_mask
@@ -353,15 +417,22 @@ def test_the_readme_lines_switch_a_model():
     assert namespace["name"] == NAME and model.config._attn_implementation == NAME
     ids, mask = padded_prompts([5, 3])
     with torch.no_grad():
-        assert model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
-                              do_sample=False).shape[1] == 8
+        assert (
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == 8
+        )
 
 
-@pytest.mark.parametrize("imports, torch_first", [("import torch, flashdecode.hf", True),
-                                                  ("import flashdecode, torch, flashdecode.hf", False)])
+@pytest.mark.parametrize(
+    "imports, torch_first",
+    [("import torch, flashdecode.hf", True), ("import flashdecode, torch, flashdecode.hf", False)],
+)
 def test_torch_first_is_the_import_order(imports, torch_first):
-    result = subprocess.run([sys.executable, "-c", f"{imports}; print(flashdecode.hf.TORCH_FIRST)"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", f"{imports}; print(flashdecode.hf.TORCH_FIRST)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stdout.strip() == str(torch_first), result.stderr[-2000:]
 
 

@@ -2,19 +2,29 @@
 each request's tokens are those it gets alone, whatever the batch, the policy or the pool; no block leaks;
 running out of blocks delays requests and loses none; prefix sharing uses fewer blocks for the same answers;
 one kernel call per layer and step."""
+
 import os
 
 import numpy as np
 import pytest
-
-import flashdecode.serve as serve
-from flashdecode.serve import (Engine, LayerCaches, ModelConfig, Request, blocks_needed, engine_timeline, forward,
-                               random_weights, spread_workload)
-
 from conftest import rel_err
 
-TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=16)
+import flashdecode.serve as serve
+from flashdecode.serve import (
+    Engine,
+    LayerCaches,
+    ModelConfig,
+    Request,
+    blocks_needed,
+    engine_timeline,
+    forward,
+    random_weights,
+    spread_workload,
+)
+
+TINY = ModelConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+)
 
 
 def need(module):
@@ -27,9 +37,18 @@ def need(module):
 @pytest.fixture(scope="module")
 def hf_model():
     torch, transformers = need("torch"), need("transformers")
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -65,15 +84,15 @@ def test_numpy_llama_matches_transformers_logits_for_a_batch_of_prompts(hf_model
     more = [rng.integers(0, 128, n) for n in (2, 1, 5, 1)]
     caches = LayerCaches(2, num_blocks=32, block_size=8, num_kv_heads=2, head_dim=16)
     seqs = [caches.new_sequence() for _ in prompts]
-    first = forward(weights, caches, seqs, prompts, all_logits=True)       # the prompts as one ragged batch
-    second = forward(weights, caches, seqs, more, all_logits=True)         # chunks on top of the cached prompts
+    first = forward(weights, caches, seqs, prompts, all_logits=True)  # the prompts as one ragged batch
+    second = forward(weights, caches, seqs, more, all_logits=True)  # chunks on top of the cached prompts
     first = np.split(first, np.cumsum([len(p) for p in prompts])[:-1])
     second = np.split(second, np.cumsum([len(m) for m in more])[:-1])
     for prompt, chunk, ours_prompt, ours_chunk in zip(prompts, more, first, second):
         with torch.no_grad():
             theirs = hf_model(torch.tensor(np.concatenate([prompt, chunk])[None])).logits[0].numpy()
-        assert rel_err(ours_prompt, theirs[:len(prompt)]) < 1e-4
-        assert rel_err(ours_chunk, theirs[len(prompt):]) < 1e-4
+        assert rel_err(ours_prompt, theirs[: len(prompt)]) < 1e-4
+        assert rel_err(ours_chunk, theirs[len(prompt) :]) < 1e-4
 
 
 def test_engine_greedy_tokens_match_transformers_generate(hf_model):
@@ -84,9 +103,13 @@ def test_engine_greedy_tokens_match_transformers_generate(hf_model):
     outputs = Engine(weights, **engine_args()).run(requests)
     for request in requests:
         with torch.no_grad():
-            theirs = hf_model.generate(torch.tensor([request.prompt]), max_new_tokens=request.max_new_tokens,
-                                       do_sample=False, attention_mask=torch.ones(1, len(request.prompt), dtype=torch.long))
-        assert outputs[request.request_id] == [theirs[0, len(request.prompt):].tolist()]
+            theirs = hf_model.generate(
+                torch.tensor([request.prompt]),
+                max_new_tokens=request.max_new_tokens,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(request.prompt), dtype=torch.long),
+            )
+        assert outputs[request.request_id] == [theirs[0, len(request.prompt) :].tolist()]
 
 
 @pytest.mark.parametrize("policy", ["continuous", "static"])
@@ -94,7 +117,7 @@ def test_every_request_gets_the_tokens_it_gets_alone(weights, policy):
     requests = workload()
     engine = Engine(weights, **engine_args(policy=policy))
     assert engine.run(requests) == alone(weights, requests)
-    assert any(len(record.rows) > 1 for record in engine.history)          # the requests really shared steps
+    assert any(len(record.rows) > 1 for record in engine.history)  # the requests really shared steps
 
 
 def test_no_block_leaks_and_the_reservation_bounds_the_pool(weights):
@@ -124,7 +147,9 @@ def test_a_request_too_big_for_the_pool_is_refused_at_once(weights):
 
 
 def test_prefix_sharing_uses_fewer_blocks_for_the_same_answers(weights):
-    requests = [Request(i, list(range(7 * i, 7 * i + n)), 5, samples=s) for i, (n, s) in enumerate([(21, 4), (16, 3), (3, 2)])]
+    requests = [
+        Request(i, list(range(7 * i, 7 * i + n)), 5, samples=s) for i, (n, s) in enumerate([(21, 4), (16, 3), (3, 2)])
+    ]
     peaks, outputs = {}, {}
     for share in (True, False):
         engine = Engine(weights, **engine_args(token_budget=32, max_running=8, share_prefix=share))
@@ -134,18 +159,20 @@ def test_prefix_sharing_uses_fewer_blocks_for_the_same_answers(weights):
     assert outputs[True] == outputs[False] == alone(weights, requests, token_budget=32, max_running=8)
     assert peaks[True] < peaks[False]
     for answers in outputs[True].values():
-        assert len({answer[0] for answer in answers}) == len(answers)       # sample i starts with the i-th best
+        assert len({answer[0] for answer in answers}) == len(answers)  # sample i starts with the i-th best
     assert blocks_needed(21, 5, 4, 8) == 2 + 4 * (4 - 2)
 
 
 def test_one_kernel_call_per_layer_and_step(weights, monkeypatch):
     calls = []
     kernel = serve.batched_flash_attention
-    monkeypatch.setattr(serve, "batched_flash_attention", lambda *a, **k: calls.append(k["query_lens"]) or kernel(*a, **k))
+    monkeypatch.setattr(
+        serve, "batched_flash_attention", lambda *a, **k: calls.append(k["query_lens"]) or kernel(*a, **k)
+    )
     engine = Engine(weights, **engine_args())
     engine.run(workload())
     assert len(calls) == engine.steps * TINY.num_layers
-    assert [sum(lens) for lens in calls[::TINY.num_layers]] == [sum(n for *_, n in r.rows) for r in engine.history]
+    assert [sum(lens) for lens in calls[:: TINY.num_layers]] == [sum(n for *_, n in r.rows) for r in engine.history]
 
 
 def test_the_timeline_matches_the_history(weights):

@@ -2,18 +2,29 @@
 
 The timeline image must be the engine's timeline, recomputed here from the step records; the cursors must sit
 on the chosen step; the readout must list that step's rows; the pool panel must plot the blocks in use."""
+
 import numpy as np
 import pytest
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
-from flashdecode.serve import (DECODE, PREFILL, WAITING, Engine, ModelConfig, notable_steps,  # noqa: E402
-                               random_weights, spread_workload, step_summary)
+from flashdecode.serve import (
+    DECODE,
+    PREFILL,
+    WAITING,
+    Engine,
+    ModelConfig,
+    notable_steps,  # noqa: E402
+    random_weights,
+    spread_workload,
+    step_summary,
+)
 from flashdecode.viz import EngineExplorer, engine_frames, figure_png  # noqa: E402
 
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                   num_kv_heads=1, head_dim=16)
+TINY = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,7 @@ def expected_grid(engine):
     """From the step records alone: waiting until admitted, prefill or decode where the request has rows."""
     grid = np.zeros((len(engine.outputs), len(engine.history)), np.int8)
     for rid in engine.outputs:
-        grid[rid, :engine.admitted[rid]] = WAITING
+        grid[rid, : engine.admitted[rid]] = WAITING
     for record in engine.history:
         for rid, _, kind, _ in record.rows:
             grid[rid, record.step] = max(grid[rid, record.step], DECODE if kind == "decode" else PREFILL)
@@ -54,12 +65,12 @@ def test_every_step_moves_the_cursors_and_the_readout(engine, explorer):
     renders = explorer.renders
     steps = list(range(len(engine.history))) + [2, 0]
     for step in steps:
-        explorer.step.value = step                                         # as the slider does
+        explorer.step.value = step  # as the slider does
         assert explorer.artists["cursor"].get_xdata()[0] == step
         assert explorer.artists["pool_cursor"].get_xdata()[0] == step
         assert f"step {step} of {len(engine.history) - 1}" in explorer.readout.value
         assert step_summary(engine.history[step], 10) in explorer.readout.value
-    assert explorer.renders - renders == len(steps) - 1                    # step 0 was already shown
+    assert explorer.renders - renders == len(steps) - 1  # step 0 was already shown
     assert bytes(explorer.image.value).startswith(b"\x89PNG")
 
 

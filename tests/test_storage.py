@@ -1,14 +1,15 @@
 """Storage formats (chapter 08): float16, bfloat16 and int8 caches read in place by every tile kernel, exactly
 the float32 answer over the numbers as stored; quantisation; the error contract; memory per call."""
+
 import tracemalloc
 
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import BACKENDS, TILE_KERNELS, rel_err
 
 from flashdecode import AttentionError, KvCache, KvSlot, ListKvView, PagedKvCache, _kernels, batched_flash_attention
 from flashdecode.storage import dequantize_int8, quantize_int8, storage_dtype
-from conftest import BACKENDS, TILE_KERNELS, rel_err
 
 FORMATS = ["float32", "float16", "bfloat16", "int8"]
 
@@ -50,11 +51,13 @@ def test_tile_kernels_read_every_format_exactly(kernels, format, float16_path):
 @pytest.mark.parametrize("kernels", TILE_KERNELS)
 def test_float16_special_values(kernels, float16_path):
     """Subnormals, the largest float16, infinities and NaN convert exactly (the integer and the F16C paths)."""
-    special = np.array([6e-8, -6e-6, 65504, -65504, np.inf, -np.inf, 0.0, -0.0, 1.0, np.nan, 3.14, 1e-4, 2.0,
-                        -2.5, 100.0, 7e-5], np.float16)
+    special = np.array(
+        [6e-8, -6e-6, 65504, -65504, np.inf, -np.inf, 0.0, -0.0, 1.0, np.nan, 3.14, 1e-4, 2.0, -2.5, 100.0, 7e-5],
+        np.float16,
+    )
     values = np.broadcast_to(special, (1, 1, 16)).copy()
     acc = np.zeros((1, 16), np.float32)
-    _kernels.tile_update(acc, np.ones((1, 1), np.float32), values, kernels)      # acc = 1 · value, lane by lane
+    _kernels.tile_update(acc, np.ones((1, 1), np.float32), values, kernels)  # acc = 1 · value, lane by lane
     expected = special.astype(np.float32)
     assert np.array_equal(np.isnan(acc[0]), np.isnan(expected))
     assert np.array_equal(acc[0][~np.isnan(expected)], expected[~np.isnan(expected)])
@@ -74,7 +77,7 @@ def test_caches_give_the_float32_answer_over_the_stored_numbers(backend, format)
         paged.append(seqs[slot], k, v)
         exact.append(slot, stored(k.astype(np.float32), format)[2], stored(v.astype(np.float32), format)[2])
     fork = paged.fork(seqs[2])
-    paged.append(fork, *rng.standard_normal((2, 3, 2, 64)))           # a copy-on-write copies the scales too
+    paged.append(fork, *rng.standard_normal((2, 3, 2, 64)))  # a copy-on-write copies the scales too
     q_batch = rng.standard_normal((5, 8, 64)).astype(np.float32)
     ref, ref_lse = batched_flash_attention(q_batch, exact.view(range(5)), return_lse=True, backend="numpy")
     for view in (cache.view(range(5)), paged.view(seqs)):
@@ -86,7 +89,7 @@ def test_int8_no_worse_than_a_plain_absmax_quantiser():
     """Per token and kv head scales: never worse than one absmax scale for the whole tensor."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((256, 4, 64)).astype(np.float32)
-    x[:, :, :3] *= 15                                               # outlier channels
+    x[:, :, :3] *= 15  # outlier channels
     values, scales = quantize_int8(x)
     one = np.abs(x).max() / 127
     assert np.abs(dequantize_int8(values, scales) - x).mean() <= np.abs(np.rint(x / one) * one - x).mean()
@@ -96,14 +99,21 @@ def test_int8_no_worse_than_a_plain_absmax_quantiser():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_formats_across_slots_work(backend):
     rng = np.random.default_rng(5)
-    keys = [rng.standard_normal((n, 2, 16)).astype(dtype) for n, dtype in
-            [(40, np.float32), (30, np.float16), (20, ml_dtypes.bfloat16), (10, np.float64)]]
+    keys = [
+        rng.standard_normal((n, 2, 16)).astype(dtype)
+        for n, dtype in [(40, np.float32), (30, np.float16), (20, ml_dtypes.bfloat16), (10, np.float64)]
+    ]
     view = ListKvView([KvSlot(b, b, len(k)) for b, k in enumerate(keys)], keys, keys)
-    exact = ListKvView([KvSlot(b, b, len(k)) for b, k in enumerate(keys)], [k.astype(np.float32) for k in keys],
-                       [k.astype(np.float32) for k in keys])
+    exact = ListKvView(
+        [KvSlot(b, b, len(k)) for b, k in enumerate(keys)],
+        [k.astype(np.float32) for k in keys],
+        [k.astype(np.float32) for k in keys],
+    )
     q = rng.standard_normal((4, 4, 16)).astype(np.float32)
-    assert rel_err(batched_flash_attention(q, view, backend=backend),
-                   batched_flash_attention(q, exact, backend="numpy")) < 1e-5
+    assert (
+        rel_err(batched_flash_attention(q, view, backend=backend), batched_flash_attention(q, exact, backend="numpy"))
+        < 1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.complex64, object, "float8", "int4", np.uint8])
