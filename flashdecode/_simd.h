@@ -51,7 +51,7 @@ typedef int fd_i8 __attribute__((vector_size(32)));
 // %% book/06_to_the_roof.ipynb #785b98bb
 /* float16 in SIMD registers, two ways (the loads below pick one per CPU). */
 typedef unsigned short fd_u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
-typedef signed char fd_s8x8 __attribute__((vector_size(8), aligned(1), may_alias));
+typedef unsigned char fd_u8x8 __attribute__((vector_size(8), aligned(1), may_alias));
 typedef unsigned int fd_u32x8 __attribute__((vector_size(32)));
 typedef int fd_s32x8 __attribute__((vector_size(32)));
 #pragma GCC diagnostic ignored "-Wpsabi"    /* these return vectors, but are always inlined: no call ABI */
@@ -110,9 +110,11 @@ FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
     case FD_F16: return fd_half8_to_float((const unsigned short *) base + i);
     case FD_BF16:
         return (fd_v8) (__builtin_convertvector(*(const fd_u16x8 *) ((const unsigned short *) base + i), fd_u32x8) << 16);
-    case FD_I8:
-        return __builtin_convertvector(__builtin_convertvector(*(const fd_s8x8 *) ((const signed char *) base + i),
-                                                               fd_s32x8), fd_v8);
+    case FD_I8: {      /* flip the sign bit, widen as unsigned (one vpmovzxbd; gcc 12 widens signed bytes
+                          one at a time), subtract the 128 back */
+        const fd_u8x8 *bytes = (const fd_u8x8 *) ((const signed char *) base + i);
+        return __builtin_convertvector((fd_s32x8) __builtin_convertvector(*bytes ^ 0x80, fd_u32x8) - 128, fd_v8);
+    }
     default: return FD_LOAD8((const float *) base + i);
     }
 }
