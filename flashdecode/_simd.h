@@ -137,11 +137,13 @@ FD_INLINE float fd_load1_kv(int format, const void *base, ptrdiff_t i) {
     }
 }
 
-/* Prefetch `rows` tokens' rows, FD_AHEAD tokens on, for every kv head (offsets in elements). */
+/* Prefetch `rows` tokens' rows of kv heads [first_head, first_head + heads), FD_AHEAD tokens on (offsets in
+   elements). A few at a time, next to the work on them: a burst of hundreds stalls on the memory queue. */
 FD_INLINE void fd_prefetch_rows(int format, const void *base, ptrdiff_t token, ptrdiff_t token_stride,
-                                ptrdiff_t head_stride, ptrdiff_t num_kv_heads, ptrdiff_t rows, ptrdiff_t head_dim) {
+                                ptrdiff_t head_stride, ptrdiff_t first_head, ptrdiff_t heads, ptrdiff_t rows,
+                                ptrdiff_t head_dim) {
     ptrdiff_t size = format == FD_F32 ? 4 : format == FD_I8 ? 1 : 2;     /* FD_F16, FD_F16C, FD_BF16: 2 */
-    for (ptrdiff_t h = 0; h < num_kv_heads; h++)
+    for (ptrdiff_t h = first_head; h < first_head + heads; h++)
         for (ptrdiff_t t = FD_AHEAD; t < FD_AHEAD + rows; t++)
             for (ptrdiff_t i = 0; i < head_dim * size; i += 64)
                 __builtin_prefetch((const char *) base + ((token + t) * token_stride + h * head_stride) * size + i);
@@ -217,7 +219,7 @@ FD_INLINE void fd_tile_scores_any(int format, const float *restrict q, const fd_
     float s[3][4];
     if (group % 4 == 0)
         for (; j + 3 <= n; j += 3) {
-            fd_prefetch_rows(format, run->keys, j, ts, hs, num_kv_heads, 3, head_dim);
+            fd_prefetch_rows(format, run->keys, j, ts, hs, 0, num_kv_heads, 3, head_dim);
             for (ptrdiff_t hq = 0; hq < num_heads; hq += 4) {
                 const float *q0 = q + hq * head_dim;
                 ptrdiff_t h = hq / group;
@@ -230,7 +232,7 @@ FD_INLINE void fd_tile_scores_any(int format, const float *restrict q, const fd_
             }
         }
     for (; j < n; j++) {
-        fd_prefetch_rows(format, run->keys, j, ts, hs, num_kv_heads, 1, head_dim);
+        fd_prefetch_rows(format, run->keys, j, ts, hs, 0, num_kv_heads, 1, head_dim);
         for (ptrdiff_t hq = 0; hq < num_heads; hq += 4) {
             const float *qs[4];
             ptrdiff_t k[4], m = num_heads - hq < 4 ? num_heads - hq : 4;
@@ -297,9 +299,9 @@ FD_INLINE void fd_tile_update_any(int format, float *restrict acc, const float *
     ptrdiff_t n = run->n, ts = run->v_token_stride, hs = run->v_head_stride, j = 0;
     float scaled[4 * 4];
     for (; j + 4 <= n; j += 4) {
-        fd_prefetch_rows(format, run->values, j, ts, hs, num_kv_heads, 4, head_dim);
         for (ptrdiff_t h = 0; h < num_kv_heads; h++) {
             ptrdiff_t v = j * ts + h * hs, hq = h * group;
+            fd_prefetch_rows(format, run->values, j, ts, hs, h, 1, 4, head_dim);
             const float *w = weights + j;
             ptrdiff_t ldw = ld;
             for (; hq < (h + 1) * group; hq += 4) {
