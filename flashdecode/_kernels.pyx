@@ -106,7 +106,7 @@ cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop
         run.k_scales = (<const float *> row[K_SCALE_ADDR]) + scale_first
         run.v_scales = (<const float *> row[V_SCALE_ADDR]) + scale_first
 
-# %% book/05_compiled_kernel.ipynb #d6ed0f96
+# %% book/05_compiled_kernel.ipynb #aa719ddf
 from libc.stdint cimport int8_t, uint16_t, uint32_t
 
 
@@ -138,24 +138,46 @@ cdef inline float load_kv(const void *base, int format, ptrdiff_t i) noexcept no
     return (<const float *> base)[i]
 
 
+cdef inline float dot_kv(const float *q, const void *base, int format, ptrdiff_t first, ptrdiff_t n) noexcept nogil:
+    """q · (n elements of a key row from `first`): the format tested once per row, not once per element."""
+    cdef float total = 0.0
+    cdef ptrdiff_t d
+    if format == FD_F32:
+        for d in range(n):
+            total = total + q[d] * (<const float *> base)[first + d]
+    else:
+        for d in range(n):
+            total = total + q[d] * load_kv(base, format, first + d)
+    return total
+
+
+cdef inline void axpy_kv(float *acc, float weight, const void *base, int format, ptrdiff_t first,
+                         ptrdiff_t n) noexcept nogil:
+    """acc += weight · (n elements of a value row from `first`), the same way."""
+    cdef ptrdiff_t d
+    if format == FD_F32:
+        for d in range(n):
+            acc[d] += weight * (<const float *> base)[first + d]
+    else:
+        for d in range(n):
+            acc[d] += weight * load_kv(base, format, first + d)
+
+# %% book/05_compiled_kernel.ipynb #d6ed0f96
 cdef void plain_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
                             ptrdiff_t head_dim, float *scores, ptrdiff_t ld) noexcept nogil:
     """scores[hq * ld + j] = q_hq · key(j, hq // group) for the run's n keys; q is already scaled.
 
     Tokens in memory order; each key row serves the `group` query heads that share it while it is in L1.
     """
-    cdef ptrdiff_t j, h, hq, d, key
-    cdef float dot, scale = 1.0
+    cdef ptrdiff_t j, h, hq, key
+    cdef float scale = 1.0
     for j in range(run.n):
         for h in range(num_kv_heads):
             key = j * run.k_token_stride + h * run.k_head_stride
             if run.format == FD_I8:
                 scale = run.k_scales[j * run.scale_token_stride + h]
             for hq in range(h * group, (h + 1) * group):
-                dot = 0.0
-                for d in range(head_dim):
-                    dot = dot + q[hq * head_dim + d] * load_kv(run.keys, run.format, key + d)
-                scores[hq * ld + j] = dot * scale
+                scores[hq * ld + j] = dot_kv(q + hq * head_dim, run.keys, run.format, key, head_dim) * scale
 
 
 cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run,
@@ -164,16 +186,15 @@ cdef void plain_tile_update(float *acc, const float *weights, ptrdiff_t ld, cons
 
     Heads in order, so the `group` heads sharing a value row use it one after the other, while it is in L1.
     """
-    cdef ptrdiff_t j, hq, d, value
+    cdef ptrdiff_t j, hq
     cdef float weight
     for j in range(run.n):
         for hq in range(num_kv_heads * group):
-            value = j * run.v_token_stride + (hq // group) * run.v_head_stride
             weight = weights[hq * ld + j]
             if run.format == FD_I8:
                 weight = weight * run.v_scales[j * run.scale_token_stride + hq // group]
-            for d in range(head_dim):
-                acc[hq * head_dim + d] += weight * load_kv(run.values, run.format, value + d)
+            axpy_kv(acc + hq * head_dim, weight, run.values, run.format,
+                    j * run.v_token_stride + (hq // group) * run.v_head_stride, head_dim)
 
 # %% book/05_compiled_kernel.ipynb #2114dd39
 cdef float plain_tile_max(const float *s, ptrdiff_t n) noexcept nogil:
