@@ -128,16 +128,16 @@ def launch(
     kernels="cython",
     kv_starts=None,
     q_positions=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
+    variants=(None, None, None),
 ):
     """Plan the work and run it on a compiled kernel module with the named tile kernels. Row r reads keys
-    [kv_starts[r], kv_lens[r]); the last four arguments are chapter 09's variants. Returns (out, lse)."""
+    [kv_starts[r], kv_lens[r]); variants are chapter 09's (softcap, alibi_slopes, sinks). Returns (out, lse)."""
     items, merges = plan_work(kv_lens, num_threads, split_size, kv_starts)
     positions = None if q_positions is None else np.ascontiguousarray(q_positions, dtype=np.intp)
+    softcap, alibi_slopes, sinks = variants
+    q = np.ascontiguousarray(q, dtype=np.float32)
     return kernel.attend(
-        np.ascontiguousarray(q, dtype=np.float32),
+        q,
         rows,
         items,
         merges,
@@ -214,7 +214,7 @@ def flash_attention_forward(
         return flash_attention_numpy(q, k, v, softmax_scale, causal, return_lse=return_lse, **variants)
     masked = causal or window_left is not None
     q, k, v, scale = check_attention_inputs(q, k, v, softmax_scale, masked)
-    window_left, softcap, alibi_slopes, sinks = check_variants(q.shape[1], **variants)
+    window_left, *checked = check_variants(q.shape[1], **variants)
     num_threads = resolve_threads(num_threads)
     q_len, kv_len = q.shape[0], k.shape[0]
     k, v = kernel_ready(k), kernel_ready(v)
@@ -222,20 +222,7 @@ def flash_attention_forward(
     q_positions = np.arange(q_len) + (kv_len - q_len)
     kv_lens, kv_starts = visible_ranges(q_positions, kv_len, masked, window_left)
     out, lse = launch(
-        _kernels,
-        q,
-        rows,
-        kv_lens,
-        k.shape[1],
-        scale,
-        num_threads,
-        split_size,
-        backend,
-        kv_starts,
-        q_positions,
-        softcap,
-        alibi_slopes,
-        sinks,
+        _kernels, q, rows, kv_lens, k.shape[1], scale, num_threads, split_size, backend, kv_starts, q_positions, checked
     )
     return (out, lse) if return_lse else out
 
@@ -301,7 +288,7 @@ def batched_flash_attention(
         q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot, read_int8=True)
     counts = check_query_lens(query_lens, [slot[0] for slot in slots], len(q_batch))
     scale = check_scale(softmax_scale, q_batch.shape[2])
-    window_left, softcap, alibi_slopes, sinks = check_variants(q_batch.shape[1], **variants)
+    window_left, *checked = check_variants(q_batch.shape[1], **variants)
     num_threads = resolve_threads(num_threads)
     if is_paged(kv_view):
         rows, q_positions, alive, num_kv_heads = paged_batch_rows(key_pool, value_pool, slots, counts)
@@ -320,9 +307,7 @@ def batched_flash_attention(
         backend,
         kv_starts,
         q_positions,
-        softcap,
-        alibi_slopes,
-        sinks,
+        checked,
     )
     return (out, lse) if return_lse else out
 

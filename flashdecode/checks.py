@@ -100,6 +100,26 @@ def check_attention_inputs(q, k, v, softmax_scale=None, causal=False):
 
 
 # %% book/04_ragged_batching.ipynb #c4checkb
+def check_q_batch(q_batch):
+    """q_batch as a float array (B, H, D) with at least one head and head_dim >= 1, or AttentionError."""
+    q_batch = as_float_array("q_batch", q_batch, "(B, H, D)")
+    if q_batch.shape[1] == 0 or q_batch.shape[2] == 0:
+        raise AttentionError(
+            f"q_batch must have at least one head and head_dim >= 1: wanted (B, H>=1, D>=1); got {q_batch.shape}"
+        )
+    return q_batch
+
+
+def check_slot_count(name, slot_count, q_batch, one_row_per_slot):
+    """A view's slot count as an int; with one query row per slot it must be q_batch's number of rows."""
+    slot_count = check_count(name, slot_count)
+    if one_row_per_slot and slot_count != len(q_batch):
+        raise AttentionError(
+            f"q_batch has shape {q_batch.shape}, one row per slot, so {name} must be {len(q_batch)}; got {slot_count}"
+        )
+    return slot_count
+
+
 def check_batch(q_batch, kv_view, one_row_per_slot=True, read_int8=False):
     """Validate a batched call. Returns (q_batch array, [(position, keys, values) per slot]).
 
@@ -107,24 +127,15 @@ def check_batch(q_batch, kv_view, one_row_per_slot=True, read_int8=False):
     read_int8=True: an int8 cache's view (kv_int8_for_slot, chapter 08) gives its slots as stored,
     (position, keys, values, key scales, value scales), instead of float32 copies.
     """
-    q_batch = as_float_array("q_batch", q_batch, "(B, H, D)")
+    q_batch = check_q_batch(q_batch)
     batch_size, num_heads, head_dim = q_batch.shape
-    if num_heads == 0 or head_dim == 0:
-        raise AttentionError(
-            f"q_batch must have at least one head and head_dim >= 1: wanted (B, H>=1, D>=1); got {q_batch.shape}"
-        )
     for method in ("slot_count", "position", "kv_for_slot"):
         if not callable(getattr(kv_view, method, None)):
             raise AttentionError(
                 f"kv_view must implement BatchedKvView (slot_count(), position(slot), "
                 f"kv_for_slot(slot)); got {type(kv_view).__name__}, which has no {method}()"
             )
-    slot_count = check_count("kv_view.slot_count()", kv_view.slot_count())
-    if one_row_per_slot and slot_count != batch_size:
-        raise AttentionError(
-            f"q_batch has shape {q_batch.shape}, one row per slot, so kv_view.slot_count() must be "
-            f"{batch_size}; got {slot_count}"
-        )
+    slot_count = check_slot_count("kv_view.slot_count()", kv_view.slot_count(), q_batch, one_row_per_slot)
     slots, kv_heads_seen = [], None
     for b in range(slot_count):
         position = check_count(f"kv_view.position({b})", kv_view.position(b))

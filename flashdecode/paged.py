@@ -9,7 +9,16 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from flashdecode.batching import BatchedKvView
-from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_int8_pools, check_scale
+from flashdecode.checks import (
+    AttentionError,
+    as_float_array,
+    check_count,
+    check_heads,
+    check_int8_pools,
+    check_q_batch,
+    check_scale,
+    check_slot_count,
+)
 from flashdecode.online import online_softmax_step
 from flashdecode.storage import dequantize_int8, storage_dtype, store_tokens
 
@@ -251,22 +260,13 @@ def check_paged_batch(q_batch, view, one_row_per_slot=True, read_int8=False):
     each table cut to the ceil(position / block_size) entries the slot reads, as intp. With
     one_row_per_slot=False the rows of q_batch are left to check_query_lens. An int8 view (kv_scale_pools,
     chapter 08) is read as stored only with read_int8=True; the pools then come as (keys, scales) pairs."""
-    q_batch = as_float_array("q_batch", q_batch, "(B, H, D)")
+    q_batch = check_q_batch(q_batch)
     batch_size, num_heads, head_dim = q_batch.shape
-    if num_heads == 0 or head_dim == 0:
-        raise AttentionError(
-            f"q_batch must have at least one head and head_dim >= 1: wanted (B, H>=1, D>=1); got {q_batch.shape}"
-        )
     if not is_paged(view):
         raise AttentionError(
             f"view must implement PagedBatchedKvView (kv_pools(), block_table(slot)); got {type(view).__name__}"
         )
-    slot_count = check_count("view.slot_count()", view.slot_count())
-    if one_row_per_slot and slot_count != batch_size:
-        raise AttentionError(
-            f"q_batch has shape {q_batch.shape}, one row per slot, so view.slot_count() must be "
-            f"{batch_size}; got {slot_count!r}"
-        )
+    slot_count = check_slot_count("view.slot_count()", view.slot_count(), q_batch, one_row_per_slot)
     pools = view.kv_pools()
     if not isinstance(pools, tuple) or len(pools) != 2:
         raise AttentionError(f"view.kv_pools() must return (key_pool, value_pool); got {type(pools).__name__}")
