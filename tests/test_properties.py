@@ -15,6 +15,7 @@ from flashdecode import (
 )
 from flashdecode.batching import batched_reference
 from flashdecode.tiling import flash_attention_numpy
+from flashdecode.variants import batched_variant_reference
 
 PROPERTY = settings(
     max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -128,3 +129,32 @@ def test_merging_split_states_equals_unsplit(kv_len, cuts, seed):
     merged, merged_lse = merge_states(np.stack([o for o, _ in parts]), np.stack([l for _, l in parts]))
     ref, ref_lse = attention_reference(q, k, v)
     assert rel_err(merged, ref) < 1e-4 and rel_err(merged_lse, ref_lse) < 1e-4
+
+
+@PROPERTY
+@given(
+    ragged_batches(),
+    st.one_of(st.none(), st.integers(0, 40)),
+    st.one_of(st.none(), st.floats(0.5, 50.0)),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["simd", "cython", "numpy"]),
+    st.integers(1, 3),
+)
+def test_variants_match_reference(batch, window_left, softcap, alibi, sinks, backend, num_threads):
+    """Random ragged batches with random variants (chapter 09) against the float64 reference, every backend."""
+    q_batch, view, scale = batch
+    num_heads = q_batch.shape[1]
+    rng = np.random.default_rng(num_heads)
+    variants = dict(
+        window_left=window_left,
+        softcap=softcap,
+        alibi_slopes=(2.0 ** -np.arange(1, num_heads + 1)) if alibi else None,
+        sinks=rng.standard_normal(num_heads) if sinks else None,
+    )
+    out, lse = batched_flash_attention(
+        q_batch, view, scale, return_lse=True, backend=backend, num_threads=num_threads, **variants
+    )
+    ref, ref_lse = batched_variant_reference(q_batch, view, scale, **variants)
+    assert rel_err(out, ref) < 1e-4
+    assert rel_err(lse, ref_lse) < 1e-4
