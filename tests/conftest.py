@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from flashdecode import KvSlot, ListKvView
 
@@ -64,3 +65,25 @@ def require_browser():
         pytest.fail(f"CI must run the browser tests, but {reason}")
     if reason:
         pytest.skip(f"browser test skipped: {reason}")
+
+
+# the 2-layer Llama shape the transformers tests build with random weights (no download)
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def property_settings(examples):
+    """hypothesis settings for the property tests: reproducible (derandomized), no deadline, no database."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )

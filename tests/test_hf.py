@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from conftest import TINY_LLAMA
 from transformers import DynamicCache  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
@@ -46,12 +47,7 @@ def needs_variants(*names):
 
 
 COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **TINY_LLAMA,
     max_position_embeddings=256,
     pad_token_id=0,
     bos_token_id=1,

@@ -8,8 +8,8 @@ sequences (repeats allowed), with NaN in every free block and unused tail, match
 """
 
 import numpy as np
-from conftest import rel_err
-from hypothesis import HealthCheck, given, settings
+from conftest import property_settings, rel_err
+from hypothesis import given
 from hypothesis import strategies as st
 from paged_helpers import (
     ATTEND,
@@ -23,9 +23,7 @@ from paged_helpers import (
 
 from flashdecode import AttentionError
 
-PROPERTY = settings(
-    max_examples=80, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = property_settings(80)
 
 append = st.tuples(st.just("append"), st.integers(0, 2**16), st.sampled_from([0, 1, 1, 1, 2, 5, 17]))
 operations = st.lists(

@@ -1,8 +1,8 @@
 """Property tests (hypothesis): random shapes against the float64 reference, and invariants."""
 
 import numpy as np
-from conftest import rel_err
-from hypothesis import HealthCheck, given, settings
+from conftest import property_settings, rel_err
+from hypothesis import given
 from hypothesis import strategies as st
 
 from flashdecode import (
@@ -17,9 +17,7 @@ from flashdecode.batching import batched_reference
 from flashdecode.tiling import flash_attention_numpy
 from flashdecode.variants import batched_variant_reference
 
-PROPERTY = settings(
-    max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = property_settings(60)
 
 
 @st.composite

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import TINY_LLAMA, rel_err
 
 import flashdecode.serve as serve
 from flashdecode.serve import (
@@ -38,12 +38,7 @@ def need(module):
 def hf_model():
     torch, transformers = need("torch"), need("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LLAMA,
         max_position_embeddings=512,
         initializer_range=0.2,
         bos_token_id=None,
