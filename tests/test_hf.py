@@ -24,7 +24,7 @@ from conftest import TINY_LLAMA
 from transformers import DynamicCache  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-import flashdecode.hf as hf  # before torch: flashdecode sets OMP_WAIT_POLICY=PASSIVE for both runtimes
+import flashdecode.hf as hf  # flashdecode itself came first, with conftest: OMP_WAIT_POLICY=PASSIVE for both runtimes
 from flashdecode.api import kernel_ready  # noqa: E402
 
 transformers.logging.set_verbosity_error()
