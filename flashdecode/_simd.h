@@ -270,12 +270,15 @@ FD_INLINE void fd_axpy4(int format, float *restrict y, const float *restrict p, 
    rows: each value vector is loaded into a register once for sixteen multiply-adds. */
 FD_INLINE void fd_axpy4x4(int format, float *restrict y, ptrdiff_t ld, const float *restrict p, ptrdiff_t ldp,
                           const void *values, ptrdiff_t x, ptrdiff_t xs, ptrdiff_t n) {
+    float weights[4 * 4];             /* a local copy: nothing the loop stores can change it, so each weight */
+    for (int r = 0; r < 4; r++)       /* is broadcast into a register once, not once per 8 numbers */
+        for (int c = 0; c < 4; c++) weights[r * 4 + c] = p[r * ldp + c];
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) {
         fd_v8 v0 = fd_load8_kv(format, values, x + i), v1 = fd_load8_kv(format, values, x + xs + i);
         fd_v8 v2 = fd_load8_kv(format, values, x + 2 * xs + i), v3 = fd_load8_kv(format, values, x + 3 * xs + i);
         for (int r = 0; r < 4; r++) {
-            const float *w = p + r * ldp;
+            const float *w = weights + r * 4;
             float *yr = y + r * ld + i;
             FD_STORE8(yr, FD_LOAD8(yr) + w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3);
         }
