@@ -420,8 +420,7 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
     cdef const TileKernels *chosen = &kernel_sets[KERNEL_SETS[kernels]]
     cdef ptrdiff_t num_rows = q.shape[0], num_heads = q.shape[1], head_dim = q.shape[2]
     cdef ptrdiff_t group = num_heads // num_kv_heads, n_items = items.shape[0], n_merges = merges.shape[0]
-    cdef ptrdiff_t n_parts = max([items[i, ITEM_PART] + 1 for i in range(n_items)], default=0)
-    cdef ptrdiff_t i, m, r, part, row_index, tid = 0
+    cdef ptrdiff_t n_parts = 0, i, m, r, part, row_index, tid = 0
     cdef Variants variants
     cdef const Py_ssize_t *positions = NULL
     variants.softcap, variants.alibi_slopes, variants.sinks = softcap, NULL, NULL
@@ -431,6 +430,8 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
         variants.sinks = &sinks[0]
     if q_positions is not None and q_positions.shape[0]:
         positions = &q_positions[0]
+    for i in range(n_items):  # split parts, counted in C: a long prefill plans thousands of items
+        n_parts = max(n_parts, items[i, ITEM_PART] + 1)
     out_array = np.zeros((num_rows, num_heads, head_dim), np.float32)
     lse_array = np.full((num_rows, num_heads), -np.inf, np.float32)
     part_out_array = np.empty((n_parts, num_heads, head_dim), np.float32)
