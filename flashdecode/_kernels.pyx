@@ -536,18 +536,19 @@ cdef extern from "_simd.h":
     void fd_axpy4x4(int format, float *y, ptrdiff_t ld, const float *p, ptrdiff_t ldp, const void *values,
                     ptrdiff_t x, ptrdiff_t xs, ptrdiff_t n) noexcept nogil
 
-    int fd_f16c                              # -1 until first asked; then whether float16 uses F16C
-    int fd_has_f16c() noexcept nogil
+    int fd_v3                                # -1 until first asked; then whether the x86-64-v3 formats are used
+    int fd_cpu_has_v3() noexcept nogil
 
 add_kernel_set("simd", fd_tile_scores, fd_tile_max, fd_exp_sub, fd_tile_update)
 
 
-def use_f16c(bint wanted=True):
-    """Read float16 with the F16C instruction (when the CPU has it) or with the integer conversion: a switch
-    for the tests, so that both paths run on any CPU. Returns whether F16C is now used."""
-    global fd_f16c
-    fd_f16c = fd_has_f16c() if wanted else 0
-    return bool(fd_f16c)
+def use_v3(bint wanted=True):
+    """Read float16, bfloat16 and int8 with the one-instruction x86-64-v3 conversions (when the CPU has them) or
+    with the portable vector code: a switch for the tests, so that both paths run on any CPU. Returns whether
+    the x86-64-v3 conversions are now used."""
+    global fd_v3
+    fd_v3 = fd_cpu_has_v3() if wanted else 0
+    return bool(fd_v3)
 
 # %% book/06_to_the_roof.ipynb #9cd4837d
 # Handles on the micro-kernels inside the SIMD tile kernels, each tested against numpy (tests/test_simd.py).

@@ -27,6 +27,9 @@
 #ifndef FD_AHEAD
 #define FD_AHEAD 8            /* prefetch the key and value rows this many tokens ahead */
 #endif
+#ifndef FD_PREFETCH_LOCALITY
+#define FD_PREFETCH_LOCALITY 1  /* ... into L2 (3 would be L1: see fd_prefetch_rows) */
+#endif
 
 /* 8 floats: two SSE registers on plain x86-64, one AVX register in the x86-64-v3 clone. */
 typedef float fd_v8 __attribute__((vector_size(32)));
@@ -49,7 +52,8 @@ typedef int fd_i8 __attribute__((vector_size(32)));
     FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
 
 // %% book/06_to_the_roof.ipynb #785b98bb
-/* float16 in SIMD registers, two ways (the loads below pick one per CPU). */
+/* Storage formats into float32 lanes, two ways: portable vector code for any CPU, and one instruction per
+   eight numbers on x86-64-v3 CPUs (the loads below pick one per CPU). */
 typedef unsigned short fd_u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef unsigned char fd_u8x8 __attribute__((vector_size(8), aligned(1), may_alias));
 typedef unsigned int fd_u32x8 __attribute__((vector_size(32)));
@@ -72,27 +76,25 @@ FD_INLINE fd_v8 fd_half8_to_float(const unsigned short *p) {
     return (fd_v8) (((renormalised & tiny) | (bits & ~tiny)) | ((h & 0x8000) << 16));
 }
 
-/* With the F16C instruction set (every x86-64 CPU since 2012-2013) one instruction converts four float16s.
-   It is written as inline assembly, not an intrinsic, so that the plain SSE2 clone compiles too: the tile
-   kernels below have a copy for format FD_F16C (F16C, checked once per call by fd_has_f16c) and one for
-   FD_F16 (the integer conversion above, for CPUs without it). */
-enum { FD_F16C = 4 };
-typedef float fd_v4 __attribute__((vector_size(16)));
-FD_INLINE fd_v8 fd_half8_f16c(const unsigned short *p) {
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
-    fd_v4 low, high;
-    __asm__("vcvtph2ps %1, %0" : "=x"(low) : "m"(*(const long long *) p));
-    __asm__("vcvtph2ps %1, %0" : "=x"(high) : "m"(*(const long long *) (p + 4)));
-    return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
+/* The x86-64-v3 path: CPUs with AVX2, FMA and F16C (nearly every x86-64 CPU since 2013-2015) convert eight
+   float16s (vcvtph2ps), bfloat16s (vpmovzxwd) or int8s (vpmovsxbd) to float32 lanes in one instruction,
+   where the portable code needs several (gcc 12 compiles these vector conversions one lane at a time). They
+   are inline assembly, used only in tile kernels compiled for x86-64-v3 (FD_V3) and run only on CPUs that
+   have it: each is a storage format of its own inside the kernel (FD_F16_V3 ...), picked at run time. */
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12) && !defined(FD_NO_CLONES)
+#define FD_HAVE_V3 1
+#define FD_V3 __attribute__((target("arch=x86-64-v3")))
 #else
-    return fd_half8_to_float(p);
+#define FD_HAVE_V3 0
+#define FD_V3
 #endif
-}
+enum { FD_F16_V3 = 4, FD_BF16_V3 = 5, FD_I8_V3 = 6 };
 
-static int fd_has_f16c(void) {
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+static int fd_cpu_has_v3(void) {
+#if FD_HAVE_V3
     __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+           && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
 #else
     return 0;
 #endif
@@ -101,52 +103,77 @@ static int fd_has_f16c(void) {
 // %% book/06_to_the_roof.ipynb #785c6045
 /* The one place a key or value vector becomes float32 lanes, for each storage format (chapter 08): bfloat16
    by a 16-bit shift (it is the top half of a float32), int8 by widening to int32 then converting (its
-   scale is applied by the caller, once per key or value row), float16 by F16C or by moving its bits into
-   float32's places (above). `format` is a constant in every caller, so the switch folds away and
-   each format gets its own copy of the loops. Offsets i are in elements. */
+   scale is applied by the caller, once per key or value row), float16 by moving its bits into float32's
+   places (above); on x86-64-v3 CPUs each of the three in one instruction (the FD_*_V3 formats). `format`
+   is a constant in every caller, so the switch folds away and each format gets its own copy of the loops.
+   Offsets i are in elements. */
 FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
+    const unsigned short *halves = (const unsigned short *) base + i;
+    const signed char *bytes = (const signed char *) base + i;
     switch (format) {
-    case FD_F16C: return fd_half8_f16c((const unsigned short *) base + i);
-    case FD_F16: return fd_half8_to_float((const unsigned short *) base + i);
-    case FD_BF16:
-        return (fd_v8) (__builtin_convertvector(*(const fd_u16x8 *) ((const unsigned short *) base + i), fd_u32x8) << 16);
-    case FD_I8: {      /* flip the sign bit, widen as unsigned (one vpmovzxbd; gcc 12 widens signed bytes
+    case FD_F16: return fd_half8_to_float(halves);
+    case FD_BF16: return (fd_v8) (__builtin_convertvector(*(const fd_u16x8 *) halves, fd_u32x8) << 16);
+    case FD_I8:        /* flip the sign bit, widen as unsigned (one vpmovzxbd; gcc 12 widens signed bytes
                           one at a time), subtract the 128 back */
-        const fd_u8x8 *bytes = (const fd_u8x8 *) ((const signed char *) base + i);
-        return __builtin_convertvector((fd_s32x8) __builtin_convertvector(*bytes ^ 0x80, fd_u32x8) - 128, fd_v8);
+        return __builtin_convertvector(
+            (fd_s32x8) __builtin_convertvector(*(const fd_u8x8 *) bytes ^ 0x80, fd_u32x8) - 128, fd_v8);
+#if FD_HAVE_V3
+    case FD_F16_V3: {
+        fd_v8 lanes;
+        __asm__("vcvtph2ps %1, %0" : "=x"(lanes) : "m"(*(const fd_u16x8 *) halves));
+        return lanes;
     }
+    case FD_BF16_V3: {
+        fd_s32x8 ints;
+        __asm__("vpmovzxwd %1, %0" : "=x"(ints) : "m"(*(const fd_u16x8 *) halves));
+        return (fd_v8) (ints << 16);
+    }
+    case FD_I8_V3: {
+        fd_s32x8 ints;
+        __asm__("vpmovsxbd %1, %0" : "=x"(ints) : "m"(*(const fd_u8x8 *) bytes));
+        return __builtin_convertvector(ints, fd_v8);
+    }
+#endif
     default: return FD_LOAD8((const float *) base + i);
     }
 }
+
+FD_INLINE int fd_is_int8(int format) { return format == FD_I8 || format == FD_I8_V3; }
 
 FD_INLINE float fd_load1_kv(int format, const void *base, ptrdiff_t i) {
     unsigned int bits;
     float value;
     switch (format) {
     case FD_F16:
-    case FD_F16C: {
+    case FD_F16_V3: {
         unsigned short lanes[8] = {((const unsigned short *) base)[i]};
         return fd_half8_to_float(lanes)[0];
     }
     case FD_BF16:
+    case FD_BF16_V3:
         bits = (unsigned int) ((const unsigned short *) base)[i] << 16;
         memcpy(&value, &bits, sizeof value);
         return value;
-    case FD_I8: return (float) ((const signed char *) base)[i];
+    case FD_I8:
+    case FD_I8_V3: return (float) ((const signed char *) base)[i];
     default: return ((const float *) base)[i];
     }
 }
 
 /* Prefetch `rows` tokens' rows of kv heads [first_head, first_head + heads), FD_AHEAD tokens on (offsets in
-   elements). A few at a time, next to the work on them: a burst of hundreds stalls on the memory queue. */
+   elements). A few at a time, next to the work on them: a burst of hundreds stalls on the memory queue. Into
+   L2, not L1 (FD_PREFETCH_LOCALITY 1: prefetcht2): a kv head's rows of consecutive tokens are often a
+   multiple of 4 KiB apart (8 kv heads x 128 x 4 bytes), so the rows FD_AHEAD tokens on map to the same L1
+   sets as the rows in use and, fetched into L1, evict them before their turn (measured in this chapter). */
 FD_INLINE void fd_prefetch_rows(int format, const void *base, ptrdiff_t token, ptrdiff_t token_stride,
                                 ptrdiff_t head_stride, ptrdiff_t first_head, ptrdiff_t heads, ptrdiff_t rows,
                                 ptrdiff_t head_dim) {
-    ptrdiff_t size = format == FD_F32 ? 4 : format == FD_I8 ? 1 : 2;     /* FD_F16, FD_F16C, FD_BF16: 2 */
+    ptrdiff_t size = format == FD_F32 ? 4 : fd_is_int8(format) ? 1 : 2;     /* float16, bfloat16: 2 */
     for (ptrdiff_t h = first_head; h < first_head + heads; h++)
         for (ptrdiff_t t = FD_AHEAD; t < FD_AHEAD + rows; t++)
             for (ptrdiff_t i = 0; i < head_dim * size; i += 64)
-                __builtin_prefetch((const char *) base + ((token + t) * token_stride + h * head_stride) * size + i);
+                __builtin_prefetch((const char *) base + ((token + t) * token_stride + h * head_stride) * size + i,
+                                   0, FD_PREFETCH_LOCALITY);
 }
 
 // %% book/06_to_the_roof.ipynb #9b3ececf
@@ -226,7 +253,7 @@ FD_INLINE void fd_tile_scores_any(int format, const float *restrict q, const fd_
                 fd_dot4x3(format, q0, q0 + head_dim, q0 + 2 * head_dim, q0 + 3 * head_dim, run->keys,
                           j * ts + h * hs, ts, head_dim, s);
                 for (ptrdiff_t c = 0; c < 3; c++) {
-                    float scale = format == FD_I8 ? run->k_scales[(j + c) * run->scale_token_stride + h] : 1.0f;
+                    float scale = fd_is_int8(format) ? run->k_scales[(j + c) * run->scale_token_stride + h] : 1.0f;
                     for (ptrdiff_t r = 0; r < 4; r++) scores[(hq + r) * ld + j + c] = s[c][r] * scale;
                 }
             }
@@ -243,7 +270,7 @@ FD_INLINE void fd_tile_scores_any(int format, const float *restrict q, const fd_
             }
             fd_dot4(format, qs[0], qs[1], qs[2], qs[3], run->keys, k[0], k[1], k[2], k[3], head_dim, s[0]);
             for (ptrdiff_t r = 0; r < m; r++)
-                scores[(hq + r) * ld + j] = s[0][r] * (format == FD_I8 ?
+                scores[(hq + r) * ld + j] = s[0][r] * (fd_is_int8(format) ?
                     run->k_scales[j * run->scale_token_stride + (hq + r) / group] : 1.0f);
         }
     }
@@ -309,13 +336,14 @@ FD_INLINE void fd_tile_update_any(int format, float *restrict acc, const float *
             ptrdiff_t ldw = ld;
             for (; hq < (h + 1) * group; hq += 4) {
                 ptrdiff_t heads = (h + 1) * group - hq < 4 ? (h + 1) * group - hq : 4;
-                if (format == FD_I8) {           /* weight · scale of its value row, for these four rows */
+                if (fd_is_int8(format)) {           /* weight · scale of its value row, for these four rows */
                     for (ptrdiff_t r = 0; r < heads; r++)
                         for (ptrdiff_t c = 0; c < 4; c++)
-                            scaled[r * 4 + c] = w[(hq + r) * ld + c] * run->v_scales[(j + c) * run->scale_token_stride + h];
+                            scaled[r * 4 + c] =
+                                w[(hq + r) * ld + c] * run->v_scales[(j + c) * run->scale_token_stride + h];
                 }
-                const float *p = format == FD_I8 ? scaled : w + hq * ld;
-                ldw = format == FD_I8 ? 4 : ld;
+                const float *p = fd_is_int8(format) ? scaled : w + hq * ld;
+                ldw = fd_is_int8(format) ? 4 : ld;
                 if (heads == 4)
                     fd_axpy4x4(format, acc + hq * head_dim, head_dim, p, ldw, run->values, v, ts, head_dim);
                 else
@@ -327,32 +355,41 @@ FD_INLINE void fd_tile_update_any(int format, float *restrict acc, const float *
     for (; j < n; j++)
         for (ptrdiff_t hq = 0; hq < num_kv_heads * group; hq++) {
             ptrdiff_t h = hq / group, v = j * ts + h * hs;
-            float w = weights[hq * ld + j] * (format == FD_I8 ? run->v_scales[j * run->scale_token_stride + h] : 1.0f);
+            float w = weights[hq * ld + j];
+            if (fd_is_int8(format))
+                w *= run->v_scales[j * run->scale_token_stride + h];
             float *y = acc + hq * head_dim;
             for (ptrdiff_t i = 0; i < head_dim; i++) y[i] += w * fd_load1_kv(format, run->values, v + i);
         }
 }
 
-/* One compiled copy of each tile kernel per storage format (each with its run-time clones), and the two
-   entry points the kernel set registers, which pick the copy for the run's format. */
-#define FD_FOR_EACH_FORMAT(X) X(f32, FD_F32) X(f16, FD_F16) X(f16c, FD_F16C) X(bf16, FD_BF16) X(i8, FD_I8)
-#define FD_DEFINE_FOR_FORMAT(name, format) \
-    FD_CLONES static void fd_tile_scores_##name(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, \
+// %% book/06_to_the_roof.ipynb #31e7bbd9
+/* One compiled copy of each tile kernel per storage format, each with its run-time clones (the x86-64-v3
+   formats: one copy, for those CPUs only), and the two entry points the kernel set registers, which pick the
+   copy for the run's format and the CPU. */
+#define FD_FOR_EACH_FORMAT(X) X(f32, FD_F32, FD_CLONES) X(f16, FD_F16, FD_CLONES) X(bf16, FD_BF16, FD_CLONES) \
+    X(i8, FD_I8, FD_CLONES) X(f16_v3, FD_F16_V3, FD_V3) X(bf16_v3, FD_BF16_V3, FD_V3) X(i8_v3, FD_I8_V3, FD_V3)
+#define FD_DEFINE_FOR_FORMAT(name, format, target) \
+    target static void fd_tile_scores_##name(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, \
             ptrdiff_t group, ptrdiff_t head_dim, float *scores, ptrdiff_t ld) { \
         fd_tile_scores_any(format, q, run, num_kv_heads, group, head_dim, scores, ld); } \
-    FD_CLONES static void fd_tile_update_##name(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run, \
+    target static void fd_tile_update_##name(float *acc, const float *weights, ptrdiff_t ld, const fd_run *run, \
             ptrdiff_t num_kv_heads, ptrdiff_t group, ptrdiff_t head_dim) { \
         fd_tile_update_any(format, acc, weights, ld, run, num_kv_heads, group, head_dim); }
 FD_FOR_EACH_FORMAT(FD_DEFINE_FOR_FORMAT)
-#define FD_CASE_SCORES(name, format) case format: fd_tile_scores_##name(q, run, num_kv_heads, group, head_dim, scores, ld); break;
-#define FD_CASE_UPDATE(name, format) case format: fd_tile_update_##name(acc, weights, ld, run, num_kv_heads, group, head_dim); break;
+#define FD_CASE_SCORES(name, format, target) \
+    case format: fd_tile_scores_##name(q, run, num_kv_heads, group, head_dim, scores, ld); break;
+#define FD_CASE_UPDATE(name, format, target) \
+    case format: fd_tile_update_##name(acc, weights, ld, run, num_kv_heads, group, head_dim); break;
 
-static int fd_f16c = -1;                 /* whether the CPU has F16C: asked once, on first use */
+static int fd_v3 = -1;          /* whether the x86-64-v3 formats are used: asked once, on first use */
 
 FD_INLINE int fd_format_for_cpu(int format) {
-    if (format == FD_F16 && fd_f16c < 0)
-        fd_f16c = fd_has_f16c();          /* every thread finds the same answer: the race is harmless */
-    return format == FD_F16 && fd_f16c ? FD_F16C : format;
+    if (fd_v3 < 0)
+        fd_v3 = fd_cpu_has_v3();     /* every thread finds the same answer: the race is harmless */
+    if (!fd_v3)
+        return format;
+    return format == FD_F16 ? FD_F16_V3 : format == FD_BF16 ? FD_BF16_V3 : format == FD_I8 ? FD_I8_V3 : format;
 }
 
 static void fd_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,

@@ -23,17 +23,20 @@ def stored(x, format):
     return values, None, values.astype(np.float32)
 
 
-@pytest.fixture(params=["f16c", "integer conversion"])
-def float16_path(request):
-    """Run a test with the SIMD kernels reading float16 through F16C, then through the integer conversion."""
-    _kernels.use_f16c(request.param == "f16c")
+@pytest.fixture(params=["x86-64-v3", "portable"])
+def conversion_path(request):
+    """Run a test with the SIMD kernels converting float16, bfloat16 and int8 with one x86-64-v3 instruction
+    each, then with the portable vector code."""
+    used = _kernels.use_v3(request.param == "x86-64-v3")
+    if request.param == "x86-64-v3" and not used:
+        pytest.skip("this CPU lacks x86-64-v3 (AVX2, FMA, F16C): only the portable conversions run here")
     yield request.param
-    _kernels.use_f16c(True)
+    _kernels.use_v3(True)
 
 
 @pytest.mark.parametrize("kernels", TILE_KERNELS)
 @pytest.mark.parametrize("format", FORMATS)
-def test_tile_kernels_read_every_format_exactly(kernels, format, float16_path):
+def test_tile_kernels_read_every_format_exactly(kernels, format, conversion_path):
     rng = np.random.default_rng(FORMATS.index(format))
     for group in range(1, 9):
         for n in (0, 1, 2, 3, 4, 5, 8, 17, 40):
@@ -49,7 +52,7 @@ def test_tile_kernels_read_every_format_exactly(kernels, format, float16_path):
 
 
 @pytest.mark.parametrize("kernels", TILE_KERNELS)
-def test_float16_special_values(kernels, float16_path):
+def test_float16_special_values(kernels, conversion_path):
     """Subnormals, the largest float16, infinities and NaN convert exactly (the integer and the F16C paths)."""
     special = np.array(
         [6e-8, -6e-6, 65504, -65504, np.inf, -np.inf, 0.0, -0.0, 1.0, np.nan, 3.14, 1e-4, 2.0, -2.5, 100.0, 7e-5],
@@ -61,6 +64,25 @@ def test_float16_special_values(kernels, float16_path):
     expected = special.astype(np.float32)
     assert np.array_equal(np.isnan(acc[0]), np.isnan(expected))
     assert np.array_equal(acc[0][~np.isnan(expected)], expected[~np.isnan(expected)])
+
+
+@pytest.mark.parametrize("kernels", TILE_KERNELS)
+def test_every_int8_and_bfloat16_value_converts_exactly(kernels, conversion_path):
+    """All 256 int8 values, and bfloat16's extremes, infinities and NaN, lane by lane (both paths)."""
+    int8 = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(256, 1, 1).repeat(16, axis=2)
+    acc = np.zeros((1, 16), np.float32)
+    _kernels.tile_update(acc, np.ones((1, 256), np.float32), int8, kernels, v_scales=np.ones((256, 1), np.float32))
+    assert np.array_equal(acc[0], np.full(16, -128.0, np.float32))  # the sum of -128..127
+    weights = (np.arange(256) == 200).astype(np.float32)[None]  # picks out the value 200 - 128 = 72
+    acc = np.zeros((1, 16), np.float32)
+    _kernels.tile_update(acc, weights, int8, kernels, v_scales=np.ones((256, 1), np.float32))
+    assert np.array_equal(acc[0], np.full(16, 72.0, np.float32))
+    bf16 = np.array([3.0e38, -3.0e38, 1e-38, np.inf, -np.inf, 0.0, -1.0, 0.5, 1, 2, 3, 4, 5, 6, 7, np.nan], np.float32)
+    bf16 = bf16.astype(storage_dtype("bfloat16"))
+    acc = np.zeros((1, 16), np.float32)
+    _kernels.tile_update(acc, np.ones((1, 1), np.float32), bf16.reshape(1, 1, 16).copy(), kernels)
+    expected = bf16.astype(np.float32)
+    assert np.array_equal(acc[0][:-1], expected[:-1]) and np.isnan(acc[0][-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
