@@ -67,6 +67,22 @@ def test_float16_special_values(kernels, conversion_path):
 
 
 @pytest.mark.parametrize("kernels", TILE_KERNELS)
+def test_every_float16_value_converts_exactly_in_a_row_tail(kernels, conversion_path):
+    """A head dimension of 7 sends every element through the one-at-a-time tail conversion: all 63,488 finite
+    float16 values (subnormals included) as one-hot scores, then infinities and NaN as an update."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)]
+    keys = np.concatenate([finite, np.zeros(-len(finite) % 7, np.float16)]).reshape(-1, 1, 7)
+    scores = _kernels.tile_scores(np.eye(7, dtype=np.float32), keys, kernels)  # scores[h, j] = keys[j, 0, h]
+    assert np.array_equal(scores.T.reshape(-1)[: len(finite)], finite.astype(np.float32))
+    special = np.array([[[np.inf, -np.inf, np.nan, 65504, -0.0, 6e-8, 1.0]]], np.float16)
+    acc = np.zeros((1, 7), np.float32)
+    _kernels.tile_update(acc, np.ones((1, 1), np.float32), special, kernels)
+    expected = special[0, 0].astype(np.float32)
+    assert np.array_equal(acc[0], expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("kernels", TILE_KERNELS)
 def test_every_int8_and_bfloat16_value_converts_exactly(kernels, conversion_path):
     """All 256 int8 values, and bfloat16's extremes, infinities and NaN, lane by lane (both paths)."""
     int8 = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(256, 1, 1).repeat(16, axis=2)
