@@ -557,7 +557,7 @@ class PoolPanel:
 
 
 # %% book/A1_drawing_the_explorers.ipynb #bd1011f6
-class PagedPoolExplorer:
+class PagedPoolExplorer(Explorer):
     """Step through a scenario on a PagedKvCache: the pool as a grid of blocks coloured by sequence.
 
     Controls: `step` (slider) and `play`; read back `history` (one PoolSnapshot per step, from
@@ -571,41 +571,32 @@ class PagedPoolExplorer:
         )
         self.play = widgets.Play(value=0, min=0, max=len(self.history) - 1, interval=900, description="play")
         widgets.link((self.play, "value"), (self.step, "value"))
-        self.readout = widgets.HTML()
-        self.readout.add_class("flashdecode-readout")
-        self.image = widgets.Image(format="png")
-        self.figure = Figure(figsize=(8, 0.9 + 0.55 * -(-num_blocks // POOL_COLUMNS)), dpi=dpi)
-        self.figure.subplots_adjust(left=0.02, right=0.84, top=0.86, bottom=0.03)
-        self.panel = PoolPanel(self.figure.add_subplot(), num_blocks, block_size, sequence_names(script))
+        figure = Figure(figsize=(8, 0.9 + 0.55 * -(-num_blocks // POOL_COLUMNS)), dpi=dpi)
+        figure.subplots_adjust(left=0.02, right=0.84, top=0.86, bottom=0.03)
+        self.panel = PoolPanel(figure.add_subplot(), num_blocks, block_size, sequence_names(script))
         self.artists = self.panel.artists
-        self.widget = widgets.VBox([widgets.HBox([self.play, self.step]), self.readout, self.image])
-        self.step.observe(lambda change: self._draw(), "value")
-        self._draw()
+        super().__init__(figure, [[self.play, self.step]])
+        self.watch([self.step], self.redraw)
+        self.redraw()
 
     @property
     def snapshot(self):
         return self.history[self.step.value]
 
-    def _draw(self):
+    def update(self):
         snapshot = self.snapshot
         self.panel.show(snapshot)
         tables = " · ".join(
             f"{name}: {table} ({snapshot.positions[name]} tokens)" for name, table in snapshot.tables.items()
         )
-        self.readout.value = (
+        return (
             f"<b>step {self.step.value} of {len(self.history) - 1}: {snapshot.label}</b><br>"
             f"block tables: {tables or 'none'}<br>free list (next block last): "
             f"{list(snapshot.free_blocks)}"
         )
-        self.image.value = figure_png(self.figure)
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = (
-            f"PagedPoolExplorer: {len(self.history) - 1} steps, a live widget "
-            f"(run the notebook in Jupyter to use it; its static frames follow)"
-        )
-        return bundle
+    def summary(self):
+        return f"{len(self.history) - 1} steps"
 
 
 def pool_frames(explorer, steps):

@@ -8,18 +8,10 @@ sequences (repeats allowed), with NaN in every free block and unused tail, match
 """
 
 import numpy as np
+import paged_helpers as paged
 from conftest import property_settings, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
-from paged_helpers import (
-    ATTEND,
-    PAGED_BACKENDS,
-    ModelledCache,
-    assert_consistent,
-    assert_same_state,
-    cache_state,
-    fill_unused_with_nan,
-)
 
 from flashdecode import AttentionError
 
@@ -62,7 +54,7 @@ def run(model, program):
             seq = live[args[0] % len(live)]
             count = args[1] if op == "append" else 0
             needed = blocks_needed(cache, seq, count) if op == "append" else 0
-        before = cache_state(cache)
+        before = paged.cache_state(cache)
         if needed > cache.num_free_blocks:
             try:
                 model.new(count) if seq is None else model.append(seq, count)
@@ -72,7 +64,7 @@ def run(model, program):
             if seq is None:  # the new, empty sequence exists; the refused prompt left no trace
                 before["next_sequence"] += 1
                 before["block_tables"][cache.next_sequence - 1], before["positions"][cache.next_sequence - 1] = [], 0
-            assert_same_state(before, cache_state(cache))
+            paged.assert_same_state(before, paged.cache_state(cache))
         elif seq is None:
             model.new(count)
         elif op == "append":
@@ -81,7 +73,7 @@ def run(model, program):
             model.fork(seq)
         else:
             model.free(seq)
-        assert_consistent(cache, model.keys, model.values)
+        paged.assert_consistent(cache, model.keys, model.values)
 
 
 @PROPERTY
@@ -92,15 +84,15 @@ def run(model, program):
     st.integers(0, 2**32 - 1),
     st.lists(st.integers(0, 2**16), max_size=6),
     st.integers(1, 4),
-    st.sampled_from(PAGED_BACKENDS),
+    st.sampled_from(paged.PAGED_BACKENDS),
 )
 def test_random_programs_keep_the_cache_consistent(block_size, num_blocks, program, seed, picks, group, backend):
-    model = ModelledCache(num_blocks, block_size, num_kv_heads=2, head_dim=4, seed=seed % 1000)
+    model = paged.ModelledCache(num_blocks, block_size, num_kv_heads=2, head_dim=4, seed=seed % 1000)
     run(model, program)
     live = sorted(model.keys)
     seqs = [live[p % len(live)] for p in picks] if live else []
-    fill_unused_with_nan(model.cache)
+    paged.fill_unused_with_nan(model.cache)
     q_batch = np.random.default_rng(seed).standard_normal((len(seqs), 2 * group, 4)).astype(np.float32)
-    out, lse = ATTEND[backend](q_batch, model.cache.view(seqs), None)
+    out, lse = paged.ATTEND[backend](q_batch, model.cache.view(seqs), None)
     ref, ref_lse = model.reference(q_batch, seqs)
     assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
