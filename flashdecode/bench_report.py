@@ -445,14 +445,11 @@ def main(argv=None):
         if s.name in ("uniform", "ragged")
     }
     window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
-    print("storage formats ...", file=sys.stderr, flush=True)
     roof_data = np.ones(ROOF_BYTES // 4, np.float32)
-    formats = [
-        row
-        for s in scenarios(args.quick)
-        if s.name in ("uniform", "ragged", "mqa-64k", "gqa-g8")
-        for row in storage_formats(s, threads, flush, roof_data)
-    ]
+    formats = []
+    for s in [s for s in scenarios(args.quick) if not args.scenario or s.name in args.scenario]:
+        print(f"storage formats: {s.name} ...", file=sys.stderr, flush=True)
+        formats += storage_formats(s, threads, flush, roof_data)
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
     os.makedirs(args.out, exist_ok=True)
