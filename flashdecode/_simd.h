@@ -52,8 +52,8 @@ typedef int fd_i8 __attribute__((vector_size(32)));
     FD_SHUFFLE(b01_, b23_, 0, 1, 8, 9, 4, 5, 12, 13) + FD_SHUFFLE(b01_, b23_, 2, 3, 10, 11, 6, 7, 14, 15); })
 
 // %% book/06_to_the_roof.ipynb #785b98bb
-/* Storage formats into float32 lanes, two ways: portable vector code for any CPU, and one instruction per
-   eight numbers on x86-64-v3 CPUs (the loads below pick one per CPU). */
+/* Storage formats into float32 lanes, two ways: portable vector code for any CPU, and one or two instructions
+   per eight numbers on x86-64-v3 CPUs (the loads below pick one per CPU). */
 typedef unsigned short fd_u16x8 __attribute__((vector_size(16), aligned(2), may_alias));
 typedef unsigned char fd_u8x8 __attribute__((vector_size(8), aligned(1), may_alias));
 typedef unsigned int fd_u32x8 __attribute__((vector_size(32)));
@@ -97,10 +97,11 @@ FD_INLINE float fd_half_to_float(unsigned short h) {
 }
 
 /* The x86-64-v3 path: CPUs with AVX2, FMA and F16C (nearly every x86-64 CPU since 2013-2015) convert eight
-   float16s (vcvtph2ps), bfloat16s (vpmovzxwd) or int8s (vpmovsxbd) to float32 lanes in one instruction,
-   where the portable code needs several (gcc 12 compiles these vector conversions one lane at a time). They
-   are inline assembly, used only in tile kernels compiled for x86-64-v3 (FD_V3) and run only on CPUs that
-   have it: each is a storage format of its own inside the kernel (FD_F16_V3 ...), picked at run time. */
+   float16s straight to float32 (vcvtph2ps), and eight bfloat16s (vpmovzxwd, then a shift) or int8s
+   (vpmovsxbd, then a conversion) in two instructions, where the portable code needs several: gcc 12
+   compiles these vector conversions one lane at a time. They are inline assembly, used only in tile kernels
+   compiled for x86-64-v3 (FD_V3) and run only on CPUs that have it: each is a storage format of its own
+   inside the kernel (FD_F16_V3 ...), picked at run time. */
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12) && !defined(FD_NO_CLONES)
 #define FD_HAVE_V3 1
 #define FD_V3 __attribute__((target("arch=x86-64-v3")))
@@ -124,7 +125,7 @@ static int fd_cpu_has_v3(void) {
 /* The one place a key or value vector becomes float32 lanes, for each storage format (chapter 08): bfloat16
    by a 16-bit shift (it is the top half of a float32), int8 by widening to int32 then converting (its
    scale is applied by the caller, once per key or value row), float16 by moving its bits into float32's
-   places (above); on x86-64-v3 CPUs each of the three in one instruction (the FD_*_V3 formats). `format`
+   places (above); on x86-64-v3 CPUs each in one or two instructions (the FD_*_V3 formats). `format`
    is a constant in every caller, so the switch folds away and each format gets its own copy of the loops.
    Offsets i are in elements. */
 FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
