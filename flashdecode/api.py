@@ -60,11 +60,24 @@ def plan_work(kv_lens, num_threads, split_size=None, kv_starts=None):
 
 
 # %% book/05_compiled_kernel.ipynb #02ec1e79
+FORMAT_OF_DTYPE = {}  # dtype -> its code in _kernels.FORMATS, or None; see kernel_format
+
+
+def kernel_format(dtype):
+    """The kernel's code for arrays of this dtype (_kernels.FORMATS), or None if it cannot read them in place:
+    another type, or a byte order not the machine's ('>f4' here is float32 by name, but its bytes are not). Kept
+    in a dict by dtype, because numpy computes `dtype.name` in Python on every access, several times a slot."""
+    if dtype not in FORMAT_OF_DTYPE:
+        FORMAT_OF_DTYPE[dtype] = _kernels.FORMATS.get(dtype.name) if dtype.isnative else None
+    return FORMAT_OF_DTYPE[dtype]
+
+
 def kernel_ready(x):
-    """`x` as an array the kernel reads in place — float32, float16 or bfloat16 (chapter 08) with a contiguous,
-    aligned last axis: itself when it already is (no copy), else a float32 copy."""
+    """`x` as an array the kernel reads in place — float32, float16 or bfloat16 (chapter 08) in the machine's
+    byte order, with a contiguous, aligned last axis: itself when it already is (no copy), else a float32 copy."""
     if (
-        x.dtype.name in ("float32", "float16", "bfloat16")
+        x.dtype.kind != "i"
+        and kernel_format(x.dtype) is not None
         and x.flags.aligned
         and x.strides[-1] == x.itemsize
         and all(s % x.itemsize == 0 for s in x.strides)
@@ -92,7 +105,7 @@ def kv_row(k, v, scales=None):
         0,
         0,
         0,
-        _kernels.FORMATS[k.dtype.name],
+        kernel_format(k.dtype),
         0,
         0,
         0,

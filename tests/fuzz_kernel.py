@@ -36,7 +36,8 @@ def arrays(draw, max_side=70):
     dtype = draw(st.sampled_from(DTYPES))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     base = rng.standard_normal(shape).astype(dtype) if dtype is not object else np.full(shape, None, object)
-    layout = draw(st.sampled_from(["c", "fortran", "reversed", "gapped", "broadcast", "readonly", "huge", "list"]))
+    layouts = ["c", "fortran", "reversed", "gapped", "broadcast", "readonly", "huge", "list", "byteswapped"]
+    layout = draw(st.sampled_from(layouts))
     if layout == "fortran":
         return np.asfortranarray(base)
     if layout == "reversed" and ndim:
@@ -53,6 +54,8 @@ def arrays(draw, max_side=70):
         return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(2**40, 3, 5), strides=(0, 0, 0))
     if layout == "list":
         return base.tolist()
+    if layout == "byteswapped" and dtype is not object:  # the same numbers, bytes in the other order
+        return base.astype(base.dtype.newbyteorder())
     return base
 
 
