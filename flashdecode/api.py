@@ -359,25 +359,20 @@ def paged_batch_rows(key_pool, value_pool, slots, counts):
             for position, table in slots
         ]
         return batch_rows(gathered, counts)
-    itemsize = key_pool.itemsize
-    slot_rows = np.zeros((len(slots), len(_kernels.ROW_COLUMNS)), np.intp)
-    tables = [np.ascontiguousarray(table, dtype=np.intp) for _, table in slots]
-    for b, table in enumerate(tables):
-        slot_rows[b] = kv_row(
-            key_pool[0],
-            value_pool[0],  # addresses, strides, format
-            None if key_scales is None else (key_scales[0], value_scales[0]),
-        )
-        slot_rows[b, 6:10] = (
-            key_pool.shape[1],
-            address(table),  # the block columns
-            key_pool.strides[0] // itemsize,
-            value_pool.strides[0] // itemsize,
-        )
-        if key_scales is not None:
-            slot_rows[b, 14] = key_scales.strides[0] // key_scales.itemsize
+    # Every slot reads the same pools: one row, repeated, then each slot's own block table. The tables go
+    # into one array, so that their addresses are one address plus offsets (no Python work per slot).
+    row = kv_row(key_pool[0], value_pool[0], None if key_scales is None else (key_scales[0], value_scales[0]))
+    slot_rows = np.tile(np.array(row, np.intp), (len(slots), 1))
+    lengths = np.array([len(table) for _, table in slots], np.intp)
+    tables = np.concatenate([np.asarray(table, np.intp).ravel() for _, table in slots] + [np.zeros(1, np.intp)])
+    slot_rows[:, 6] = key_pool.shape[1]  # the block columns: block size, table address, block strides
+    slot_rows[:, 7] = address(tables) + (np.cumsum(lengths) - lengths) * tables.itemsize
+    slot_rows[:, 8] = key_pool.strides[0] // key_pool.itemsize
+    slot_rows[:, 9] = value_pool.strides[0] // value_pool.itemsize
+    if key_scales is not None:
+        slot_rows[:, 14] = key_scales.strides[0] // key_scales.itemsize
     positions = np.array([position for position, _ in slots], np.intp)
     slot_of_row = np.repeat(np.arange(len(slots)), counts)
     row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
     q_positions = positions[slot_of_row] - counts[slot_of_row] + row_in_slot
-    return slot_rows[slot_of_row], q_positions, tables, key_pool.shape[2]
+    return slot_rows[slot_of_row], q_positions, [tables], key_pool.shape[2]
