@@ -543,9 +543,9 @@ add_kernel_set("simd", fd_tile_scores, fd_tile_max, fd_exp_sub, fd_tile_update)
 
 
 def use_v3(bint wanted=True):
-    """Read float16, bfloat16 and int8 with the one-instruction x86-64-v3 conversions (when the CPU has them) or
-    with the portable vector code: a switch for the tests, so that both paths run on any CPU. Returns whether
-    the x86-64-v3 conversions are now used."""
+    """Read float16, bfloat16 and int8 with the x86-64-v3 conversions (one or two instructions per eight numbers,
+    when the CPU has them) or with the portable vector code: a switch for the tests, so that both paths run on
+    any CPU. Returns whether the x86-64-v3 conversions are now used."""
     global fd_v3
     fd_v3 = fd_cpu_has_v3() if wanted else 0
     return bool(fd_v3)

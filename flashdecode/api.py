@@ -76,7 +76,7 @@ def kernel_ready(x):
     """`x` as an array the kernel reads in place — float32, float16 or bfloat16 (chapter 08) in the machine's
     byte order, with a contiguous, aligned last axis: itself when it already is (no copy), else a float32 copy."""
     if (
-        x.dtype.kind != "i"
+        x.dtype.kind != "i"  # int8 is read in place only with its scales (kv_row)
         and kernel_format(x.dtype) is not None
         and x.flags.aligned
         and x.strides[-1] == x.itemsize

@@ -25,8 +25,8 @@ def stored(x, format):
 
 @pytest.fixture(params=["x86-64-v3", "portable"])
 def conversion_path(request):
-    """Run a test with the SIMD kernels converting float16, bfloat16 and int8 with one x86-64-v3 instruction
-    each, then with the portable vector code."""
+    """Run a test with the SIMD kernels converting float16, bfloat16 and int8 with the x86-64-v3 instructions,
+    then with the portable vector code."""
     used = _kernels.use_v3(request.param == "x86-64-v3")
     if request.param == "x86-64-v3" and not used:
         pytest.skip("this CPU lacks x86-64-v3 (AVX2, FMA, F16C): only the portable conversions run here")
