@@ -35,6 +35,10 @@ def test_storage_formats_paged_and_window_comparisons_run():
     rows = storage_formats(TINY, 2, no_flush, ROOF_DATA, repeats=1)
     assert [row["format"] for row in rows] == list(STORAGE_FORMATS)
     assert rows[0]["speedup"] == 1.0 and all(row["tokens_per_s"] > 0 for row in rows)
+    # a roof measured earlier in the run and higher than this rotation's is the one the fractions use
+    higher = storage_formats(TINY, 2, no_flush, ROOF_DATA, repeats=1, best_roof=1e15)
+    assert all(row["roof_gbs"] == 1e6 and row["roof_frac"] < 1e-3 for row in higher)
+    assert all(row["roof_gbs"] < 1e6 for row in rows)
     contiguous, paged = paged_against_contiguous(TINY, 2, no_flush, repeats=1)
     assert contiguous > 0 and paged > 0
     window = window_against_short_cache(2, no_flush, length=2048, window_left=64, repeats=1)
