@@ -56,6 +56,7 @@ cdef extern from "_run.h":
         ptrdiff_t k_token_stride, k_head_stride, v_token_stride, v_head_stride, scale_token_stride
         ptrdiff_t n
         int format
+    ptrdiff_t fd_element_bytes(int format) noexcept nogil
 
 
 # The `rows` table: where each query row's keys and values live, one line per row, in these columns.
@@ -73,17 +74,14 @@ ROW_COLUMNS = ("k_addr", "k_token_stride", "k_head_stride", "v_addr", "v_token_s
 FORMATS = {"float32": FD_F32, "float16": FD_F16, "bfloat16": FD_BF16, "int8": FD_I8}
 
 
-cdef inline ptrdiff_t element_bytes(Py_ssize_t format) noexcept nogil:
-    return 4 if format == FD_F32 else (1 if format == FD_I8 else 2)
-
-
 cdef inline void find_run(const Py_ssize_t *row, ptrdiff_t start, ptrdiff_t stop, fd_run *run) noexcept nogil:
     """The seam: the tokens [start, start + run.n) of one row that lie next to each other in memory.
 
     Every tile kernel reads keys and values through a run. A row held in one array is one run; a paged
     row's run ends where its block ends. Nothing else in the kernel knows how a cache is laid out.
     """
-    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0, size = element_bytes(row[FORMAT])
+    cdef ptrdiff_t block_size = row[BLOCK_SIZE], offset = start, block = 0
+    cdef ptrdiff_t size = fd_element_bytes(<int> row[FORMAT])
     cdef ptrdiff_t k_first, v_first, scale_first
     run.n = stop - start
     if block_size > 0:           # a paged row: look the block up, stop at its end

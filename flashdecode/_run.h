@@ -8,6 +8,11 @@
 
 enum fd_format { FD_F32 = 0, FD_F16 = 1, FD_BF16 = 2, FD_I8 = 3 };   /* how the cache stores each number */
 
+/* Bytes per stored number, the one place that knows them: find_run and the SIMD kernel's prefetches ask here. */
+static inline ptrdiff_t fd_element_bytes(int format) {
+    return format == FD_F32 ? 4 : format == FD_I8 ? 1 : 2;
+}
+
 typedef struct {
     const void *keys, *values;        /* token j, kv head h: element j * token_stride + h * head_stride */
     const float *k_scales, *v_scales; /* FD_I8 only: token j, kv head h's scale at j * scale_token_stride + h */

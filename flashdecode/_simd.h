@@ -100,8 +100,8 @@ FD_INLINE float fd_half_to_float(unsigned short h) {
    float16s straight to float32 (vcvtph2ps), and eight bfloat16s (vpmovzxwd, then a shift) or int8s
    (vpmovsxbd, then a conversion) in two instructions, where the portable code needs several: gcc 12
    compiles these vector conversions one lane at a time. They are inline assembly, used only in tile kernels
-   compiled for x86-64-v3 (FD_V3) and run only on CPUs that have it: each is a storage format of its own
-   inside the kernel (FD_F16_V3 ...), picked at run time. */
+   compiled for x86-64-v3 (FD_V3) and run only on CPUs that have it: inside the kernel the format code gets
+   FD_V3_FLAG added (FD_F16_V3 ...), picked at run time; fd_storage takes it off again. */
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12) && !defined(FD_NO_CLONES)
 #define FD_HAVE_V3 1
 #define FD_V3 __attribute__((target("arch=x86-64-v3")))
@@ -109,7 +109,10 @@ FD_INLINE float fd_half_to_float(unsigned short h) {
 #define FD_HAVE_V3 0
 #define FD_V3
 #endif
-enum { FD_F16_V3 = 4, FD_BF16_V3 = 5, FD_I8_V3 = 6 };
+enum { FD_V3_FLAG = 4 };
+enum { FD_F16_V3 = FD_F16 | FD_V3_FLAG, FD_BF16_V3 = FD_BF16 | FD_V3_FLAG, FD_I8_V3 = FD_I8 | FD_V3_FLAG };
+
+FD_INLINE int fd_storage(int format) { return format & ~FD_V3_FLAG; }   /* the storage format behind a code */
 
 static int fd_cpu_has_v3(void) {
 #if FD_HAVE_V3
@@ -159,21 +162,18 @@ FD_INLINE fd_v8 fd_load8_kv(int format, const void *base, ptrdiff_t i) {
     }
 }
 
-FD_INLINE int fd_is_int8(int format) { return format == FD_I8 || format == FD_I8_V3; }
+FD_INLINE int fd_is_int8(int format) { return fd_storage(format) == FD_I8; }
 
 FD_INLINE float fd_load1_kv(int format, const void *base, ptrdiff_t i) {
     unsigned int bits;
     float value;
-    switch (format) {
-    case FD_F16:
-    case FD_F16_V3: return fd_half_to_float(((const unsigned short *) base)[i]);
+    switch (fd_storage(format)) {
+    case FD_F16: return fd_half_to_float(((const unsigned short *) base)[i]);
     case FD_BF16:
-    case FD_BF16_V3:
         bits = (unsigned int) ((const unsigned short *) base)[i] << 16;
         memcpy(&value, &bits, sizeof value);
         return value;
-    case FD_I8:
-    case FD_I8_V3: return (float) ((const signed char *) base)[i];
+    case FD_I8: return (float) ((const signed char *) base)[i];
     default: return ((const float *) base)[i];
     }
 }
@@ -186,7 +186,7 @@ FD_INLINE float fd_load1_kv(int format, const void *base, ptrdiff_t i) {
 FD_INLINE void fd_prefetch_rows(int format, const void *base, ptrdiff_t token, ptrdiff_t token_stride,
                                 ptrdiff_t head_stride, ptrdiff_t first_head, ptrdiff_t heads, ptrdiff_t rows,
                                 ptrdiff_t head_dim) {
-    ptrdiff_t size = format == FD_F32 ? 4 : fd_is_int8(format) ? 1 : 2;     /* float16, bfloat16: 2 */
+    ptrdiff_t size = fd_element_bytes(fd_storage(format));
     for (ptrdiff_t h = first_head; h < first_head + heads; h++)
         for (ptrdiff_t t = FD_AHEAD; t < FD_AHEAD + rows; t++)
             for (ptrdiff_t i = 0; i < head_dim * size; i += 64)
@@ -407,7 +407,7 @@ FD_INLINE int fd_format_for_cpu(int format) {
         fd_v3 = fd_cpu_has_v3();     /* every thread finds the same answer: the race is harmless */
     if (!fd_v3)
         return format;
-    return format == FD_F16 ? FD_F16_V3 : format == FD_BF16 ? FD_BF16_V3 : format == FD_I8 ? FD_I8_V3 : format;
+    return format == FD_F32 ? format : format | FD_V3_FLAG;
 }
 
 static void fd_tile_scores(const float *q, const fd_run *run, ptrdiff_t num_kv_heads, ptrdiff_t group,
