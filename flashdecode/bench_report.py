@@ -285,7 +285,7 @@ def plot(rows, path=None):
 
     names = [row["scenario"] for row in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     series = [
         ("flashdecode, SIMD tile kernels", [row["flashdecode_gbs"] for row in rows], "tab:blue"),
         ("flashdecode, plain Cython", [row["kv_mib"] * 2**20 / row["cython_s"] / 1e9 for row in rows], "tab:cyan"),
@@ -307,7 +307,7 @@ def plot(rows, path=None):
     ax.set_xticks(x, names)
     ax.set_ylabel("effective GB/s (KV bytes / time)")
     ax.set_title(f"decode attention, {rows[0]['threads']} threads")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)  # below: the bars reach the roof
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
