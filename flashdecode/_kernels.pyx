@@ -412,8 +412,8 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
     """Run a work plan and return (out (N, H, D), lse (N, H)), float32, with the named tile-kernel set
     and the variants of chapter 09 (q_positions (N,): each row's query position, for ALiBi).
 
-    The caller (the api module) guarantees that every address in `rows` points at a live float32 array
-    holding the keys [start, stop) of every item: this function checks nothing about them.
+    The caller (the api module) guarantees that every address in `rows` points at a live array in the row's
+    format holding the keys [start, stop) of every item: this function checks nothing about them.
     """
     cdef const TileKernels *chosen = &kernel_sets[KERNEL_SETS[kernels]]
     cdef ptrdiff_t num_rows = q.shape[0], num_heads = q.shape[1], head_dim = q.shape[2]

@@ -241,6 +241,14 @@ def flash_attention_forward(
 
 
 # %% book/05_compiled_kernel.ipynb #09324261
+def rows_by_query(slot_rows, positions, counts):
+    """Slot b's rows line repeated for its counts[b] query rows, and each query row's position: slot b's
+    rows are the queries of its last counts[b] tokens, up to position[b]."""
+    slot_of_row = np.repeat(np.arange(len(positions)), counts)
+    row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
+    return slot_rows[slot_of_row], positions[slot_of_row] - counts[slot_of_row] + row_in_slot
+
+
 def batch_rows(slots, counts):
     """The kernel's rows for a batch: slot b contributes counts[b] query rows, its last tokens. Returns
     (rows table, each row's query position, the converted arrays to keep alive, Hkv)."""
@@ -255,11 +263,8 @@ def batch_rows(slots, counts):
                 k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (k, v))
             alive += (k, v)
             slot_rows[b], num_kv_heads = kv_row(k, v), k.shape[1]
-    slot_of_row = np.repeat(np.arange(len(slots)), counts)
-    row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
     positions = np.array([slot[0] for slot in slots], np.intp)
-    q_positions = positions[slot_of_row] - counts[slot_of_row] + row_in_slot
-    return slot_rows[slot_of_row], q_positions, alive, num_kv_heads
+    return (*rows_by_query(slot_rows, positions, counts), alive, num_kv_heads)
 
 
 # %% book/05_compiled_kernel.ipynb #0f383188
@@ -295,7 +300,8 @@ def batched_flash_attention(
             q_batch, kv_view, softmax_scale, return_lse=return_lse, query_lens=query_lens, **variants
         )
     one_row_per_slot = query_lens is None
-    if is_paged(kv_view):  # a paged view (chapter 07): its pools, read through block tables
+    paged = is_paged(kv_view)
+    if paged:  # a paged view (chapter 07): its pools, read through block tables
         q_batch, key_pool, value_pool, slots = check_paged_batch(q_batch, kv_view, one_row_per_slot, read_int8=True)
     else:
         q_batch, slots = check_batch(q_batch, kv_view, one_row_per_slot, read_int8=True)
@@ -303,7 +309,7 @@ def batched_flash_attention(
     scale = check_scale(softmax_scale, q_batch.shape[2])
     window_left, *checked = check_variants(q_batch.shape[1], **variants)
     num_threads = resolve_threads(num_threads)
-    if is_paged(kv_view):
+    if paged:
         rows, q_positions, alive, num_kv_heads = paged_batch_rows(key_pool, value_pool, slots, counts)
     else:
         rows, q_positions, alive, num_kv_heads = batch_rows(slots, counts)
@@ -347,8 +353,8 @@ def set_num_threads(n):
 def paged_batch_rows(key_pool, value_pool, slots, counts):
     """The kernel's rows for a paged batch: the pools read in place through each slot's block table.
     Returns (rows, query positions, arrays to keep alive, Hkv) like batch_rows. A pool the kernel cannot
-    read in place (not float32, or its head dimension not contiguous) is read through gathered copies of
-    each slot's tokens instead: never a copy of the whole pool."""
+    read in place (a format it does not read, or its head dimension not contiguous) is read through gathered
+    copies of each slot's tokens instead: never a copy of the whole pool."""
     key_pool, key_scales = key_pool if isinstance(key_pool, tuple) else (key_pool, None)  # int8: chapter 08
     value_pool, value_scales = value_pool if isinstance(value_pool, tuple) else (value_pool, None)
     if not len(key_pool):  # an empty pool: every slot is empty
@@ -372,7 +378,4 @@ def paged_batch_rows(key_pool, value_pool, slots, counts):
     if key_scales is not None:
         slot_rows[:, 14] = key_scales.strides[0] // key_scales.itemsize
     positions = np.array([position for position, _ in slots], np.intp)
-    slot_of_row = np.repeat(np.arange(len(slots)), counts)
-    row_in_slot = np.arange(len(slot_of_row)) - (np.cumsum(counts) - counts)[slot_of_row]
-    q_positions = positions[slot_of_row] - counts[slot_of_row] + row_in_slot
-    return slot_rows[slot_of_row], q_positions, [tables], key_pool.shape[2]
+    return (*rows_by_query(slot_rows, positions, counts), [tables], key_pool.shape[2])
