@@ -144,31 +144,37 @@ def check_batch(q_batch, kv_view, one_row_per_slot=True, read_int8=False):
             continue
         stored = kv_view.kv_int8_for_slot(b) if read_int8 and hasattr(kv_view, "kv_int8_for_slot") else None
         if stored is not None:  # an int8 cache, read as stored (chapter 08)
-            slots.append((position, *check_int8_slot(stored, b, position, num_heads, head_dim)))  # noqa: F821 (chapter 08)
-            continue
-        pair = kv_view.kv_for_slot(b)
-        if not isinstance(pair, tuple) or len(pair) != 2:
-            raise AttentionError(f"kv_view.kv_for_slot({b}) must return (keys, values); got {type(pair).__name__}")
-        k = as_float_array(f"keys of slot {b}", pair[0], f"(>= {position}, Hkv, {head_dim})")
-        v = as_float_array(f"values of slot {b}", pair[1], f"(>= {position}, Hkv, {head_dim})")
-        check_heads("q_batch", num_heads, head_dim, f"keys of slot {b}", k.shape)
-        if v.shape[1:] != k.shape[1:]:
+            slot = (position, *check_int8_slot(stored, b, position, num_heads, head_dim))  # noqa: F821 (chapter 08)
+        else:
+            slot = (position, *check_float_slot(kv_view.kv_for_slot(b), b, position, num_heads, head_dim))
+        keys = slot[1]
+        if kv_heads_seen is not None and keys.shape[1] != kv_heads_seen:
             raise AttentionError(
-                f"slot {b}: keys and values must have the same (Hkv, D); got keys {k.shape} and values {v.shape}"
+                f"every slot must have the same number of kv heads: slot {b} keys {keys.shape} have "
+                f"Hkv={keys.shape[1]}, earlier slots {kv_heads_seen}"
             )
-        if position > min(len(k), len(v)):
-            raise AttentionError(
-                f"kv_view.position({b}) is {position}, beyond the slot's cache: keys {k.shape} and "
-                f"values {v.shape}, wanted at least {position} tokens"
-            )
-        if kv_heads_seen is not None and k.shape[1] != kv_heads_seen:
-            raise AttentionError(
-                f"every slot must have the same number of kv heads: slot {b} keys {k.shape} have "
-                f"Hkv={k.shape[1]}, earlier slots {kv_heads_seen}"
-            )
-        kv_heads_seen = k.shape[1]
-        slots.append((position, k, v))
+        kv_heads_seen = keys.shape[1]
+        slots.append(slot)
     return q_batch, slots
+
+
+def check_float_slot(pair, b, position, num_heads, head_dim):
+    """Slot b's (keys, values) from kv_for_slot, as float arrays of shape (>= position, Hkv, D)."""
+    if not isinstance(pair, tuple) or len(pair) != 2:
+        raise AttentionError(f"kv_view.kv_for_slot({b}) must return (keys, values); got {type(pair).__name__}")
+    k = as_float_array(f"keys of slot {b}", pair[0], f"(>= {position}, Hkv, {head_dim})")
+    v = as_float_array(f"values of slot {b}", pair[1], f"(>= {position}, Hkv, {head_dim})")
+    check_heads("q_batch", num_heads, head_dim, f"keys of slot {b}", k.shape)
+    if v.shape[1:] != k.shape[1:]:
+        raise AttentionError(
+            f"slot {b}: keys and values must have the same (Hkv, D); got keys {k.shape} and values {v.shape}"
+        )
+    if position > min(len(k), len(v)):
+        raise AttentionError(
+            f"kv_view.position({b}) is {position}, beyond the slot's cache: keys {k.shape} and "
+            f"values {v.shape}, wanted at least {position} tokens"
+        )
+    return k, v
 
 
 # %% book/08_reduced_precision.ipynb #ff863882

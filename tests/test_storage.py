@@ -161,6 +161,31 @@ def test_bad_storage_dtypes(dtype):
             make()
 
 
+class Int8SlotsOfTwoShapes:
+    """A view whose int8 slots, read as stored, disagree on the number of kv heads (2, then 4)."""
+
+    def slot_count(self):
+        return 2
+
+    def position(self, slot):
+        return 3
+
+    def kv_int8_for_slot(self, slot):
+        values, scales = quantize_int8(np.ones((3, 2 * (slot + 1), 8), np.float32))
+        return values, values, scales, scales
+
+    def kv_for_slot(self, slot):
+        return tuple(dequantize_int8(*self.kv_int8_for_slot(slot)[::2]) for _ in range(2))
+
+
+@pytest.mark.parametrize("backend", ["cython", "simd"])
+def test_int8_slots_must_agree_on_kv_heads(backend):
+    # the kernel reads every slot with one Hkv: a slot with fewer heads would be read past its end
+    q = np.ones((2, 4, 8), np.float32)
+    with pytest.raises(AttentionError, match="same number of kv heads: slot 1 keys \\(3, 4, 8\\)"):
+        batched_flash_attention(q, Int8SlotsOfTwoShapes(), backend=backend)
+
+
 def test_int8_arrays_without_scales_are_refused():
     keys = np.ones((5, 1, 4), np.int8)
     view = ListKvView([KvSlot(0, 0, 5)], [keys], [keys])
