@@ -9,9 +9,9 @@ import numpy as np
 
 from flashdecode.checks import (
     AttentionError,
-    as_float_array,
     check_batch,
     check_count,
+    check_new_tokens,
     check_query_lens,
     check_scale,
     check_variants,
@@ -93,11 +93,7 @@ class KvCache:
     def append(self, slot_index, k, v):
         """Write T new tokens, k and v of shape (T, Hkv, D), after the slot's current position."""
         slot = self._slot(slot_index)
-        wanted = f"(T, {self.keys.shape[2]}, {self.keys.shape[3]})"
-        k = as_float_array("k", k, wanted)
-        v = as_float_array("v", v, wanted)
-        if k.shape[1:] != self.keys.shape[2:] or v.shape != k.shape:
-            raise AttentionError(f"k and v must both have shape {wanted}; got k {k.shape} and v {v.shape}")
+        k, v = check_new_tokens(k, v, *self.keys.shape[2:])
         start = int(self.positions[slot])
         if start + len(k) > self.capacity:
             raise AttentionError(

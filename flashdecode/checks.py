@@ -177,6 +177,16 @@ def check_float_slot(pair, b, position, num_heads, head_dim):
     return k, v
 
 
+# %% book/04_ragged_batching.ipynb #c4newtok
+def check_new_tokens(k, v, num_kv_heads, head_dim):
+    """k and v as arrays of one shape (T, num_kv_heads, head_dim), or AttentionError naming what they are."""
+    wanted = f"(T, {num_kv_heads}, {head_dim})"
+    k, v = as_float_array("k", k, wanted), as_float_array("v", v, wanted)
+    if k.shape[1:] != (num_kv_heads, head_dim) or v.shape != k.shape:
+        raise AttentionError(f"k and v must both have shape {wanted}; got k {k.shape} and v {v.shape}")
+    return k, v
+
+
 # %% book/08_reduced_precision.ipynb #ff863882
 def check_int8_slot(parts, b, position, num_heads, head_dim):
     """Slot b of an int8 view as stored, kv_view.kv_int8_for_slot(b): keys and values (>= position, Hkv, D)

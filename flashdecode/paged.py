@@ -15,6 +15,7 @@ from flashdecode.checks import (
     check_count,
     check_heads,
     check_int8_pools,
+    check_new_tokens,
     check_q_batch,
     check_scale,
     check_slot_count,
@@ -97,16 +98,6 @@ class BlockPool:
         return copy
 
 
-# %% book/07_paged_cache.ipynb #7e179b47
-def check_new_tokens(k, v, num_kv_heads, head_dim):
-    """k and v as arrays of one shape (T, num_kv_heads, head_dim), or AttentionError naming what they are."""
-    wanted = f"(T, {num_kv_heads}, {head_dim})"
-    k, v = as_float_array("k", k, wanted), as_float_array("v", v, wanted)
-    if k.shape[1:] != (num_kv_heads, head_dim) or v.shape != k.shape:
-        raise AttentionError(f"k and v must both have shape {wanted}; got k {k.shape} and v {v.shape}")
-    return k, v
-
-
 # %% book/07_paged_cache.ipynb #45d2bd89
 class PagedKvCache(BlockPool):
     """A KV cache in fixed-size blocks from one pool, with a block table per sequence.
@@ -157,7 +148,8 @@ class PagedKvCache(BlockPool):
             table[-1] = self.copy_on_write(table[-1], used_in_last)
         table.extend(self.take(new_blocks))
         token = np.arange(start, stop)
-        blocks = np.asarray(table, dtype=np.intp)[token // self.block_size]
+        first = start // self.block_size  # only the blocks written: a long table is not converted per token
+        blocks = np.asarray(table[first:], dtype=np.intp)[token // self.block_size - first]
         store_tokens(self.keys, self.values, self.scales, (blocks, token % self.block_size), k, v)
         self.positions[seq] = stop
 
