@@ -29,6 +29,7 @@ from flashdecode.bench import (
     time_interleaved,
 )
 from flashdecode.paged import PagedKvCache
+from flashdecode.storage import bytes_per_token
 
 
 def torch_variants(q, cache, lengths, num_threads):
@@ -123,8 +124,6 @@ def run_scenario(scenario, num_threads, quick, flush, progress, roof_data):
     if variants:
         best = min(variants, key=lambda name: row[f"torch_{name}_s"])
         row["torch_s"], row["torch_best"] = row[f"torch_{best}_s"], best
-    del cache, variants, methods  # the scenario's arrays go before the next one is built
-    gc.collect()
     row["flashdecode_gbs"] = scenario.kv_bytes / row["flashdecode_s"] / 1e9
     row["roof_frac"] = row["flashdecode_gbs"] / row["roof_gbs"]
     row["cython_roof_frac"] = scenario.kv_bytes / row["cython_s"] / 1e9 / row["roof_gbs"]
@@ -355,7 +354,6 @@ def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeat
 
 
 STORAGE_FORMATS = ("float32", "float16", "bfloat16", "int8")
-BYTES_PER_NUMBER = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def storage_formats(scenario, num_threads, flush, roof_data, repeats=7, best_roof=0.0):
@@ -383,12 +381,7 @@ def storage_formats(scenario, num_threads, flush, roof_data, repeats=7, best_roo
     tokens = int(np.sum(scenario.lengths))
     rows = []
     for format, (seconds, _) in timed.items():
-        read = (
-            tokens
-            * scenario.num_kv_heads
-            * 2
-            * (scenario.head_dim * BYTES_PER_NUMBER[format] + (4 if format == "int8" else 0))
-        )
+        read = tokens * bytes_per_token(1, scenario.num_kv_heads, scenario.head_dim, format)
         rows.append(
             {
                 "scenario": scenario.name,

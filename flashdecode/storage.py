@@ -16,6 +16,14 @@ except ImportError:  # pragma: no cover - ml_dtypes is one of the package's depe
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "float64")
 
 
+# %% book/08_reduced_precision.ipynb #08bytes1
+def bytes_per_token(layers, kv_heads, head_dim, format):
+    """Bytes of cache one token takes: a key and a value row per kv head and layer, and int8's two scales."""
+    per_number = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[format]
+    scales = 2 * layers * kv_heads * 4 if format == "int8" else 0  # a float32 scale per key and value row
+    return 2 * layers * kv_heads * head_dim * per_number + scales
+
+
 # %% book/08_reduced_precision.ipynb #34c5334f
 def storage_dtype(dtype):
     """The numpy dtype a cache stores its numbers in: float32, float16, bfloat16 (the string "bfloat16" or

@@ -12,7 +12,9 @@ def test_readme_examples_print_what_their_comments_say():
     """Every python block, run in order in one namespace (the paged example reuses the first one's rng and q),
     prints what the comment on its print line starts with (up to a colon, after which the comment explains)."""
     namespace = {}
-    for code in re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert blocks, "no python examples found in the README"
+    for code in blocks:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             exec(compile(code, "README.md", "exec"), namespace)
