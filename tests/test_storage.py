@@ -116,6 +116,8 @@ def test_caches_give_the_float32_answer_over_the_stored_numbers(backend, format)
         exact.append(slot, stored(k.astype(np.float32), format)[2], stored(v.astype(np.float32), format)[2])
     fork = paged.fork(seqs[2])
     paged.append(fork, *rng.standard_normal((2, 3, 2, 64)))  # a copy-on-write copies the scales too
+    for parent, child in zip(paged.view(seqs[2:3]).kv_for_slot(0), paged.view([fork]).kv_for_slot(0)):
+        assert np.array_equal(child[:77], parent[:77])  # the fork's private copy of the shared block
     q_batch = rng.standard_normal((5, 8, 64)).astype(np.float32)
     ref, ref_lse = batched_flash_attention(q_batch, exact.view(range(5)), return_lse=True, backend="numpy")
     for view in (cache.view(range(5)), paged.view(seqs)):
