@@ -2,6 +2,7 @@
 
 
 # %% book/10_transformers.ipynb #7522f120
+import functools
 import inspect
 import sys
 import warnings
@@ -128,9 +129,15 @@ def batch_plans(attention_mask, q_len, kv_len, batch, causal=True):
 
 
 # %% book/10_transformers.ipynb #f781af49
+@functools.cache
+def accepts(function, name):
+    """True when `function` takes the keyword argument `name`: asked once per function, not on every call."""
+    return name in inspect.signature(function).parameters
+
+
 def kernel_accepts(name):
     """True when both kernel entry points take the keyword argument `name`."""
-    return all(name in inspect.signature(f).parameters for f in (flash_attention_forward, batched_flash_attention))
+    return all(accepts(f, name) for f in (flash_attention_forward, batched_flash_attention))
 
 
 def variant_kwargs(window_left=None, softcap=None, sinks=None):
@@ -178,8 +185,10 @@ def fdecode_attention(
     plans = batch_plans(attention_mask, q_len, key.shape[2], batch, causal)
     windows = [plan[3] for plan in plans if plan is not None and plan[3] is not None]
     sinks = None if s_aux is None else s_aux.detach().float().numpy()
-    extra = variant_kwargs(None, softcap, sinks)
-    variant_kwargs(windows[0] if windows else None, softcap, sinks)  # refuse before computing anything
+    # refuse a variant the kernel lacks before computing anything; a window goes row by row (prefill) or into
+    # each slot's range (decode), the other variants into every call
+    extra = variant_kwargs(windows[0] if windows else None, softcap, sinks)
+    extra.pop("window_left", None)
     q = as_kernel_array(query).transpose(0, 2, 1, 3)  # (B, Lq, H, D): views, no copies
     k = as_kernel_array(key).transpose(0, 2, 1, 3)  # (B, Lkv, Hkv, D)
     v = as_kernel_array(value).transpose(0, 2, 1, 3)
