@@ -137,13 +137,19 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
-def rotary(x, positions, theta):
-    """Rotary embeddings on x (N, heads, D) for tokens at `positions` (N,): pairs (i, i + D/2) rotated by
-    position · theta^(-2i/D)."""
-    half = x.shape[-1] // 2
-    inv_freq = (1.0 / theta ** (np.arange(0, half, dtype=np.float32) * 2 / x.shape[-1])).astype(np.float32)
+def rotary_tables(positions, head_dim, theta):
+    """cos and sin (N, 1, D/2) of the angles position · theta^(-2i/D) for tokens at `positions` (N,): the same
+    for every layer, so a step computes them once."""
+    half = head_dim // 2
+    inv_freq = (1.0 / theta ** (np.arange(0, half, dtype=np.float32) * 2 / head_dim)).astype(np.float32)
     angles = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
-    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    return np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+
+
+def rotary(x, tables):
+    """Rotary embeddings on x (N, heads, D): pairs (i, i + D/2) rotated by the angles of rotary_tables."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
 
@@ -198,10 +204,11 @@ def forward(weights, caches, seqs, chunks, all_logits=False):
     bounds = np.cumsum([0] + lens)
     positions = np.concatenate([np.arange(n) + caches.position(seq) for seq, n in zip(seqs, lens)])
     x = weights.embed[np.concatenate(chunks).astype(np.intp)]
+    tables = rotary_tables(positions, c.head_dim, c.rope_theta)
     for layer, cache in zip(weights.layers, caches.layers):
         h = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-        q = rotary(linear(h, layer.wq).reshape(len(x), c.num_heads, c.head_dim), positions, c.rope_theta)
-        k = rotary(linear(h, layer.wk).reshape(len(x), c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        q = rotary(linear(h, layer.wq).reshape(len(x), c.num_heads, c.head_dim), tables)
+        k = rotary(linear(h, layer.wk).reshape(len(x), c.num_kv_heads, c.head_dim), tables)
         v = linear(h, layer.wv).reshape(len(x), c.num_kv_heads, c.head_dim)
         for seq, start, stop in zip(seqs, bounds[:-1], bounds[1:]):
             cache.append(seq, k[start:stop], v[start:stop])
@@ -293,9 +300,7 @@ class Engine:
         """Queue a request (several groups of one sample each without prefix sharing)."""
         if len(request.prompt) < 1 or request.max_new_tokens < 1 or request.samples < 1:
             raise ValueError(f"request {request.request_id}: needs a prompt, max_new_tokens >= 1 and samples >= 1")
-        if request.request_id in self.outputs or any(
-            g.request.request_id == request.request_id for g in list(self.waiting) + self.running
-        ):
+        if request.request_id in self.outputs:  # set once queued, never cleared: waiting, running or done
             raise ValueError(f"request id {request.request_id} is already in the engine")
         shared = self.share_prefix or request.samples == 1
         groups = [range(request.samples)] if shared else [[i] for i in range(request.samples)]
