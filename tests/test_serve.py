@@ -187,3 +187,18 @@ def test_the_command_line_demo_runs(capsys):
     printed = capsys.readouterr().out
     assert "continuous batching" in printed and "every policy gave every request the same tokens" in printed
     assert [row["policy"] for row in rows] == list(serve.POLICIES)
+
+
+def test_a_request_id_is_refused_while_waiting_running_or_done(weights):
+    engine = Engine(weights, **engine_args())
+    first, second = workload()[:2]
+    engine.submit(first)
+    with pytest.raises(ValueError, match="already in the engine"):  # waiting
+        engine.submit(first)
+    serve.run_step(engine)
+    assert engine.running
+    with pytest.raises(ValueError, match="already in the engine"):  # running
+        engine.submit(first)
+    engine.run([second])
+    with pytest.raises(ValueError, match="already in the engine"):  # done
+        engine.submit(first)
