@@ -8,8 +8,9 @@ import numpy as np
 
 from flashdecode.api import batched_flash_attention
 from flashdecode.batching import KvCache
-from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_scale
+from flashdecode.checks import AttentionError, as_float_array, check_count, check_heads, check_new_tokens, check_scale
 from flashdecode.paged import PagedKvCache
+from flashdecode.storage import storage_dtype
 from flashdecode.tiling import merge_states
 
 SHARD_BY = ("sequence", "head")
@@ -299,10 +300,10 @@ class ShardWrites(ShardSet):
     def append(self, slot_index, k, v):
         """Write T new tokens, k and v of shape (T, Hkv, D), after the slot's current position."""
         slot = self._slot(slot_index)
-        wanted = f"(T, {self.num_kv_heads}, {self.head_dim})"
-        k, v = as_float_array("k", k, wanted), as_float_array("v", v, wanted)
-        if k.shape[1:] != (self.num_kv_heads, self.head_dim) or v.shape != k.shape:
-            raise AttentionError(f"k and v must both have shape {wanted}; got k {k.shape} and v {v.shape}")
+        k, v = check_new_tokens(k, v, self.num_kv_heads, self.head_dim)
+        stored = storage_dtype(self.dtype)
+        if stored.kind == "f":  # the shard rounds to its float format anyway: send that, not float64
+            k, v = k.astype(stored, copy=False), v.astype(stored, copy=False)
         if self.shard_by == "head":
             if self.position(slot) + len(k) > self.capacity:
                 raise AttentionError(
