@@ -63,9 +63,15 @@ def online_softmax_tiles(scores, values, tile_size) -> Iterator[OnlineState]:
         yield OnlineState(start, stop, row_max, row_sum, acc, rescale)
 
 
+def finish(row_max, row_sum, acc):
+    """(output, lse): acc / row_sum and row_max + log(row_sum); zeros and -inf for a row that saw no key."""
+    seen = row_sum > 0
+    safe_sum = np.where(seen, row_sum, 1)  # no division by zero, no log of it, for the rows that are dropped
+    return np.where(seen[..., None], acc / safe_sum[..., None], 0.0), np.where(
+        seen, row_max + np.log(safe_sum), -np.inf
+    )
+
+
 def finish_state(state):
-    """(output, lse) of a state: acc / row_sum and row_max + log(row_sum); zeros and -inf if empty."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(state.row_sum[..., None] > 0, state.acc / state.row_sum[..., None], 0.0)
-        lse = state.row_max + np.log(state.row_sum)
-    return out, np.where(state.row_sum > 0, lse, -np.inf)
+    """(output, lse) of a state (finish)."""
+    return finish(state.row_max, state.row_sum, state.acc)

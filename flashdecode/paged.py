@@ -20,7 +20,7 @@ from flashdecode.checks import (
     check_scale,
     check_slot_count,
 )
-from flashdecode.online import online_softmax_step
+from flashdecode.online import finish, online_softmax_step
 from flashdecode.storage import dequantize_int8, storage_dtype, store_tokens
 
 
@@ -344,9 +344,8 @@ def paged_attention_numpy(q_batch, view, softmax_scale=None, *, return_lse=False
             v_tile = read_tile(value_pool, blocks, count)
             scores = q_groups @ k_tile.transpose(1, 2, 0)  # (Hkv, G, T)
             row_max, row_sum, acc, _ = online_softmax_step(row_max, row_sum, acc, scores, v_tile.transpose(1, 0, 2))
-        seen = row_sum > 0
-        out[b] = np.where(seen[..., None], acc / np.where(seen, row_sum, 1)[..., None], 0).reshape(num_heads, head_dim)
-        lse[b] = np.where(seen, row_max + np.log(np.where(seen, row_sum, 1)), -np.inf).reshape(num_heads)
+        out_b, lse_b = finish(row_max, row_sum, acc)
+        out[b], lse[b] = out_b.reshape(num_heads, head_dim), lse_b.reshape(num_heads)
     return (out, lse) if return_lse else out
 
 

@@ -5,7 +5,7 @@
 import numpy as np
 
 from flashdecode.checks import AttentionError, check_attention_inputs, check_count, check_variants
-from flashdecode.online import online_softmax_step
+from flashdecode.online import finish, online_softmax_step
 from flashdecode.variants import add_sinks, adjust_scores, visible_keys
 
 
@@ -58,9 +58,7 @@ def flash_attention_numpy(
                 hidden = ~visible_keys(q_positions, key_positions, window_left)  # (Lq, T)
                 scores[np.broadcast_to(hidden[:, None, :], scores.shape)] = -np.inf
             row_max, row_sum, acc, _ = online_softmax_step(row_max, row_sum, acc, scores, v_tile)
-        seen = row_sum > 0
-        out[:, heads] = np.where(seen[..., None], acc / np.where(seen, row_sum, 1)[..., None], 0)
-        lse[:, heads] = np.where(seen, row_max + np.log(np.where(seen, row_sum, 1)), -np.inf)
+        out[:, heads], lse[:, heads] = finish(row_max, row_sum, acc)
     out, lse = add_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
