@@ -356,12 +356,23 @@ def paged_against_contiguous(scenario, num_threads, flush, block_size=16, repeat
 STORAGE_FORMATS = ("float32", "float16", "bfloat16", "int8")
 
 
-def storage_formats(scenario, num_threads, flush, roof_data, repeats=7, best_roof=0.0):
+def against_best_roof(rows, formats):
+    """Every fraction of the roof, in both tables, against the best read rate measured anywhere in the run,
+    which becomes every row's roof. The roof is the machine's, so any one rotation's measurement can only fall
+    short of it: one whose sums all met a busy moment once put a kernel at 113% of "its" roof."""
+    roof = max(row["roof_gbs"] for row in rows + formats)
+    for row in rows:
+        row["roof_gbs"], row["roof_frac"] = roof, row["flashdecode_gbs"] / roof
+        row["cython_roof_frac"] = row["kv_mib"] * 2**20 / row["cython_s"] / 1e9 / roof
+    for row in formats:
+        row["roof_gbs"], row["roof_frac"] = roof, row["read_gbs"] / roof
+    return roof
+
+
+def storage_formats(scenario, num_threads, flush, roof_data, repeats=7):
     """The scenario's batch from a cache of each storage format, in rotation with the roof. Returns a row per
-    format: time, tokens/s, speed-up over float32, and the bytes actually read (values and int8 scales) / time
-    as a fraction of the roof: the best read rate of this rotation or `best_roof` (bytes/s, the best measured
-    earlier in the run), whichever is higher. The roof is the machine's, so any one measurement of it can only
-    fall short; a rotation whose sums all met a busy moment would put a kernel above "its" roof."""
+    format: time, tokens/s, speed-up over float32, and the bytes actually read (values and int8 scales) / time,
+    also as a fraction of this rotation's roof (against_best_roof puts the run's best in its place)."""
     q, source = make_inputs(scenario)
     num_slots = len(scenario.lengths)
     methods, caches = {}, {}
@@ -377,7 +388,7 @@ def storage_formats(scenario, num_threads, flush, roof_data, repeats=7, best_roo
     del source
     methods["roof"] = threaded([part.sum for part in np.array_split(roof_data, num_threads)])
     timed = time_interleaved(methods, repeats, flush)
-    roof = max(roof_data.nbytes / min(timed.pop("roof")[1]), best_roof)
+    roof = roof_data.nbytes / min(timed.pop("roof")[1])
     tokens = int(np.sum(scenario.lengths))
     rows = []
     for format, (seconds, _) in timed.items():
@@ -389,6 +400,7 @@ def storage_formats(scenario, num_threads, flush, roof_data, repeats=7, best_roo
                 "ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds,
                 "speedup": timed["float32"][0] / seconds,
+                "read_gbs": read / seconds / 1e9,
                 "roof_frac": read / seconds / roof,
                 "roof_gbs": roof / 1e9,
             }
@@ -445,10 +457,10 @@ def main(argv=None):
     formats = []
     for s in [s for s in scenarios(args.quick) if not args.scenario or s.name in args.scenario]:
         print(f"storage formats: {s.name} ...", file=sys.stderr, flush=True)
-        best_roof = max((row["roof_gbs"] * 1e9 for row in rows + formats), default=0.0)
-        formats += storage_formats(s, threads, flush, roof_data, best_roof=best_roof)
+        formats += storage_formats(s, threads, flush, roof_data)
     print("two Python threads ...", file=sys.stderr, flush=True)
     serial, together = python_threads_overlap()
+    against_best_roof(rows, formats)
     os.makedirs(args.out, exist_ok=True)
     save_csv(rows, os.path.join(args.out, "results.csv"))
     try:
@@ -460,8 +472,8 @@ def main(argv=None):
     print(
         "cython ms / simd ms / torch ms: median wall time of one decode step with the plain and the SIMD tile "
         f"kernels ({threads} threads, cold cache); GB/s: KV bytes read / time; roof: numpy sum over 256 MiB on 1 and "
-        "on N threads, best of the rounds, timed in rotation with the kernels; vs X: X's time / the SIMD kernel's "
-        "(the default); torch: the better of its padded and per-slot SDPA "
+        "on N threads, timed in rotation with the kernels, the best rate of all the run's rounds; "
+        "vs X: X's time / the SIMD kernel's (the default); torch: the better of its padded and per-slot SDPA "
         f"({'torch ' + version if version else 'torch not installed'})."
     )
     for m in memory:
@@ -481,7 +493,7 @@ def main(argv=None):
     )
     print(
         "storage formats (the same batch from a cache of each format; of the roof: bytes actually read / time, "
-        "against the best roof measured in the run so far):"
+        "against the same roof):"
     )
     for row in formats:
         print(

@@ -8,6 +8,7 @@ import numpy as np
 from flashdecode.bench import Scenario
 from flashdecode.bench_report import (
     STORAGE_FORMATS,
+    against_best_roof,
     format_table,
     paged_against_contiguous,
     run_scenario,
@@ -35,10 +36,14 @@ def test_storage_formats_paged_and_window_comparisons_run():
     rows = storage_formats(TINY, 2, no_flush, ROOF_DATA, repeats=1)
     assert [row["format"] for row in rows] == list(STORAGE_FORMATS)
     assert rows[0]["speedup"] == 1.0 and all(row["tokens_per_s"] > 0 for row in rows)
-    # a roof measured earlier in the run and higher than this rotation's is the one the fractions use
-    higher = storage_formats(TINY, 2, no_flush, ROOF_DATA, repeats=1, best_roof=1e15)
-    assert all(row["roof_gbs"] == 1e6 and row["roof_frac"] < 1e-3 for row in higher)
-    assert all(row["roof_gbs"] < 1e6 for row in rows)
+    # every fraction of the roof, in both tables, is taken against the best roof measured in the run
+    scenario_row = run_scenario(TINY, 2, True, no_flush, io.StringIO(), ROOF_DATA)
+    best = max(row["roof_gbs"] for row in rows + [scenario_row])
+    own_fraction = rows[2]["roof_frac"] * rows[2]["roof_gbs"] / best  # the same bytes/s over the best roof
+    assert against_best_roof([scenario_row], rows) == best
+    assert all(row["roof_gbs"] == best for row in rows + [scenario_row])
+    assert np.isclose(rows[2]["roof_frac"], own_fraction)
+    assert np.isclose(scenario_row["roof_frac"], scenario_row["flashdecode_gbs"] / best)
     contiguous, paged = paged_against_contiguous(TINY, 2, no_flush, repeats=1)
     assert contiguous > 0 and paged > 0
     window = window_against_short_cache(2, no_flush, length=2048, window_left=64, repeats=1)
