@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import numpy as np
@@ -50,6 +51,24 @@ CHROMIUM_ARGS = [
 ]
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason):
+    """Skip, with the reason — except in CI (CI=true), where .ci/run installs everything, so it fails."""
+    if IN_CI:
+        pytest.fail(f"CI must run this test, but {reason}")
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name):
+    """The module `name`, or skip_or_fail (torch and transformers are the hf extra, which make test installs)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(f"{name} is not installed (make test installs it)")
+
+
 def require_browser():
     """Skip, with the reason, when Chromium or playwright is missing — except in CI (CI=true), where it fails:
     .ci/run installs Chromium, so a skip there would hide a broken setup."""
@@ -61,10 +80,8 @@ def require_browser():
             import playwright.sync_api  # noqa: F401
         except ImportError:
             reason = "the playwright package is not installed (pip install -e '.[dev]')"
-    if reason and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI must run the browser tests, but {reason}")
     if reason:
-        pytest.skip(f"browser test skipped: {reason}")
+        skip_or_fail(f"browser test: {reason}")
 
 
 # the 2-layer Llama shape the transformers tests build with random weights (no download)

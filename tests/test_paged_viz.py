@@ -6,9 +6,10 @@ drawn from the wrong step, with the wrong owner of a shared block, or with the w
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("matplotlib")
+require_module("ipywidgets")
+require_module("matplotlib")
 
 from matplotlib.colors import to_rgba  # noqa: E402
 

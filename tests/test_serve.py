@@ -3,11 +3,9 @@ each request's tokens are those it gets alone, whatever the batch, the policy or
 running out of blocks delays requests and loses none; prefix sharing uses fewer blocks for the same answers;
 one kernel call per layer and step."""
 
-import os
-
 import numpy as np
 import pytest
-from conftest import TINY_LLAMA, rel_err
+from conftest import TINY_LLAMA, rel_err, require_module
 
 import flashdecode.serve as serve
 from flashdecode.serve import (
@@ -27,16 +25,9 @@ TINY = ModelConfig(
 )
 
 
-def need(module):
-    """torch and transformers are the hf extra: skipped without them locally, but never in CI (CI=true)."""
-    if os.environ.get("CI"):
-        return __import__(module)
-    return pytest.importorskip(module)
-
-
 @pytest.fixture(scope="module")
 def hf_model():
-    torch, transformers = need("torch"), need("transformers")
+    torch, transformers = require_module("torch"), require_module("transformers")
     config = transformers.LlamaConfig(
         **TINY_LLAMA,
         max_position_embeddings=512,
@@ -71,7 +62,7 @@ def alone(weights, requests, **overrides):
 
 
 def test_numpy_llama_matches_transformers_logits_for_a_batch_of_prompts(hf_model):
-    torch = need("torch")
+    torch = require_module("torch")
     weights = serve.weights_from_transformers(hf_model)
     assert weights.config == TINY
     rng = np.random.default_rng(0)
@@ -91,7 +82,7 @@ def test_numpy_llama_matches_transformers_logits_for_a_batch_of_prompts(hf_model
 
 
 def test_engine_greedy_tokens_match_transformers_generate(hf_model):
-    torch = need("torch")
+    torch = require_module("torch")
     weights = serve.weights_from_transformers(hf_model)
     rng = np.random.default_rng(1)
     requests = [Request(i, rng.integers(0, 128, n).tolist(), m) for i, (n, m) in enumerate([(3, 10), (20, 6), (1, 12)])]

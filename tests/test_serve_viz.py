@@ -5,17 +5,18 @@ on the chosen step; the readout must list that step's rows; the pool panel must 
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("matplotlib")
+require_module("ipywidgets")
+require_module("matplotlib")
 
-from flashdecode.serve import (
+from flashdecode.serve import (  # noqa: E402
     DECODE,
     PREFILL,
     WAITING,
     Engine,
     ModelConfig,
-    notable_steps,  # noqa: E402
+    notable_steps,
     random_weights,
     spread_workload,
     step_summary,

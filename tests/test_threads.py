@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import require_module
 
 import flashdecode as fd
 from flashdecode import _kernels
@@ -50,7 +51,7 @@ def test_num_threads_argument_is_used():
 
 @needs_openmp
 def test_threadpoolctl_limit_is_honoured():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    threadpoolctl = require_module("threadpoolctl")
     q, k = small_problem()
     with threadpoolctl.threadpool_limits(1, "openmp"):
         assert fd.get_num_threads() == 1

@@ -2,11 +2,10 @@
 1-8; the error contract; and torch's SDPA with the equivalent explicit float mask as a cross-check."""
 
 import itertools
-import os
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, rel_err
+from conftest import BACKENDS, rel_err, require_module
 
 from flashdecode import AttentionError, KvCache, batched_flash_attention, flash_attention_forward
 from flashdecode.variants import batched_variant_reference, variant_reference
@@ -119,24 +118,13 @@ def test_bad_query_lens(backend, query_lens, needle):
         )
 
 
-def torch_or_fail():
-    try:
-        import torch
-
-        return torch
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI must run the torch cross-check, but torch is not installed")
-        pytest.skip("torch not installed (make test installs it)")
-
-
 @pytest.mark.parametrize(
     "window_left, softcap, alibi, sinks", [(None, None, True, True), (8, None, False, True), (3, None, True, False)]
 )
 def test_matches_torch_sdpa_with_an_explicit_mask(window_left, softcap, alibi, sinks):
     """torch.nn.functional.scaled_dot_product_attention given the window and ALiBi as a float mask, and each sink
     as an extra key with a zero value whose score is the sink."""
-    torch = torch_or_fail()
+    torch = require_module("torch")
     rng = np.random.default_rng(5)
     q_len, kv_len, num_heads, head_dim = 6, 40, 4, 16
     q = rng.standard_normal((q_len, num_heads, head_dim)).astype(np.float32)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("matplotlib")
+require_module("ipywidgets")
+require_module("matplotlib")
 
 from flashdecode.naive import softmax_safe  # noqa: E402
 from flashdecode.online import finish_state, online_softmax_tiles  # noqa: E402
