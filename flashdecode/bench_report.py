@@ -313,12 +313,18 @@ def plot(rows, path=None):
     return fig
 
 
-def run(quick=False, num_threads=None, names=None, progress=sys.stderr):
-    """Run the scenarios (all, or those named) and return their result rows."""
+def chosen_scenarios(quick, names):
+    """The scenarios to run: all, or those named."""
+    return [s for s in scenarios(quick) if not names or s.name in names]
+
+
+def run(quick=False, num_threads=None, names=None, progress=sys.stderr, flush=None, roof_data=None):
+    """Run the scenarios (all, or those named) and return their result rows. flush and roof_data: the cache
+    flusher and the roof's array, made here unless the caller shares its own."""
     num_threads = num_threads or get_num_threads()
-    chosen = [s for s in scenarios(quick) if names is None or s.name in names]
-    flush = CacheFlusher()
-    roof_data = np.ones(ROOF_BYTES // 4, np.float32)
+    chosen = chosen_scenarios(quick, names)
+    flush = flush or CacheFlusher()
+    roof_data = np.ones(ROOF_BYTES // 4, np.float32) if roof_data is None else roof_data
     rows = []
     for i, scenario in enumerate(chosen, 1):
         print(
@@ -442,20 +448,19 @@ def main(argv=None):
         f"torch {version if version else 'not installed (pip install torch==2.13.0; make bench does)'}",
         file=sys.stderr,
     )
-    rows = run(args.quick, threads, args.scenario)
+    flush, roof_data = CacheFlusher(), np.ones(ROOF_BYTES // 4, np.float32)  # one of each for the whole run
+    rows = run(args.quick, threads, args.scenario, flush=flush, roof_data=roof_data)
     print("memory per call ...", file=sys.stderr, flush=True)
     memory = memory_per_call(num_threads=threads)
     print("paged against contiguous, and a window over a long cache ...", file=sys.stderr, flush=True)
-    flush = CacheFlusher()
     paged = {
         s.name: paged_against_contiguous(s, threads, flush)
         for s in scenarios(args.quick)
         if s.name in ("uniform", "ragged")
     }
     window = window_against_short_cache(threads, flush, length=65536 // (4 if args.quick else 1))
-    roof_data = np.ones(ROOF_BYTES // 4, np.float32)
     formats = []
-    for s in [s for s in scenarios(args.quick) if not args.scenario or s.name in args.scenario]:
+    for s in chosen_scenarios(args.quick, args.scenario):
         print(f"storage formats: {s.name} ...", file=sys.stderr, flush=True)
         formats += storage_formats(s, threads, flush, roof_data)
     print("two Python threads ...", file=sys.stderr, flush=True)
