@@ -8,7 +8,6 @@ sliding window) and gpt-oss (sinks) need the kernel's window_left / softcap / si
 also run through a float64 reference kernel that has the arguments, which checks the adapter's side alone.
 """
 
-import math
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402
 
 import flashdecode.hf as hf  # flashdecode itself came first, with conftest: OMP_WAIT_POLICY=PASSIVE for both runtimes
 from flashdecode.api import kernel_ready  # noqa: E402
+from flashdecode.variants import batched_variant_reference, variant_reference  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 NAME = hf.register()
@@ -148,51 +148,16 @@ def test_generate_matches_eager_with_variants(arch):
 # --- the adapter's side of the variants, through a float64 reference kernel that has the keyword arguments ---
 
 
-def reference_rows(q, k, v, scale, last, window_left, softcap, sinks):
-    """q (N, H, D); k, v (L, Hkv, D); query n sees keys [max(0, last[n] - window_left), last[n]] (float64)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("nhd,lhd->nhl", q, k) * scale
-    if softcap is not None:
-        scores = softcap * np.tanh(scores / softcap)
-    j = np.arange(k.shape[0])
-    lo = last - (window_left if window_left is not None else len(j))
-    visible = (j[None, :] <= last[:, None]) & (j[None, :] >= lo[:, None])
-    scores = np.where(visible[:, None, :], scores, -np.inf)
-    if sinks is not None:
-        sink = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None], (len(q), q.shape[1], 1))
-        scores = np.concatenate([scores, sink], axis=2)
-    top = np.max(scores, axis=2, keepdims=True)
-    p = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
-    p = p / np.maximum(p.sum(axis=2, keepdims=True), 1e-300)
-    return np.einsum("nhl,lhd->nhd", p[..., : k.shape[0]], v).astype(np.float32)
-
-
 def reference_forward(q, k, v, softmax_scale=None, causal=False, *, window_left=None, softcap=None, sinks=None):
-    q_len, kv_len = q.shape[0], k.shape[0]
-    scale = softmax_scale or 1 / math.sqrt(q.shape[2])
-    last = np.arange(q_len) + kv_len - q_len if causal else np.full(q_len, kv_len - 1)
-    return reference_rows(q, k, v, scale, last, window_left, softcap, sinks)
+    """Chapter 09's float64 reference behind the kernel's signature (its keyword arguments, which the adapter
+    inspects)."""
+    variants = dict(window_left=window_left, softcap=softcap, sinks=sinks)
+    return variant_reference(q, k, v, softmax_scale, causal, **variants)[0].astype(np.float32)
 
 
 def reference_batched(q_batch, kv_view, softmax_scale=None, *, window_left=None, softcap=None, sinks=None):
-    out = np.zeros(q_batch.shape, np.float32)
-    for b in range(kv_view.slot_count()):
-        position = kv_view.position(b)
-        if position:
-            k, v = kv_view.kv_for_slot(b)
-            out[b] = reference_forward(
-                q_batch[b : b + 1],
-                k[:position],
-                v[:position],
-                softmax_scale,
-                True,
-                window_left=window_left,
-                softcap=softcap,
-                sinks=sinks,
-            )[0]
-    return out
+    variants = dict(window_left=window_left, softcap=softcap, sinks=sinks)
+    return batched_variant_reference(q_batch, kv_view, softmax_scale, **variants)[0].astype(np.float32)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt_oss", "llama"])
