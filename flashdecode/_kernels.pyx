@@ -466,9 +466,11 @@ def attend(const float[:, :, ::1] q, const Py_ssize_t[:, ::1] rows, const Py_ssi
 # are C-ordered (n, Hkv, D) arrays of any storage format (FORMATS); int8 ones come with scales (n, Hkv).
 cdef fd_run handle_run(array, scales, ptrdiff_t num_kv_heads, ptrdiff_t head_dim) except *:
     cdef fd_run run
-    if not array.flags.c_contiguous or array.dtype.name not in FORMATS or (array.dtype.name == "int8") != (scales is not None):
-        raise ValueError(f"keys and values are C-ordered {sorted(FORMATS)} arrays, int8 with scales; got {array.dtype}")
-    run.format, run.n = FORMATS[array.dtype.name], array.shape[0]
+    name = array.dtype.name if array.dtype.isnative else None   # '>f4' is float32 by name, not by its bytes
+    if not array.flags.c_contiguous or name not in FORMATS or (name == "int8") != (scales is not None):
+        raise ValueError(f"keys and values are C-ordered {sorted(FORMATS)} arrays in the machine's byte order, "
+                         f"int8 with scales; got {array.dtype.str}")
+    run.format, run.n = FORMATS[name], array.shape[0]
     run.keys = run.values = <const void *> <size_t> array.__array_interface__["data"][0]
     run.k_token_stride = run.v_token_stride = num_kv_heads * head_dim
     run.k_head_stride = run.v_head_stride = head_dim

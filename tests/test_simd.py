@@ -93,6 +93,14 @@ def test_micro_kernel_handles_reject_wrong_shapes():
         )
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f2", "int16"])
+def test_tile_handles_refuse_arrays_they_cannot_read(dtype):
+    # a byte-swapped float32 is float32 by name; read as native bytes it would give garbage
+    keys = np.ones((3, 1, 8), dtype)
+    with pytest.raises(ValueError, match="byte order"):
+        _kernels.tile_scores(np.ones((1, 8), np.float32), keys, "simd")
+
+
 def test_unknown_kernel_set_is_a_key_error():
     with pytest.raises(KeyError):
         _kernels.exp_sub(np.zeros(3, np.float32), 0.0, "avx9000")
